@@ -1,0 +1,27 @@
+"""torch_backprop: the classic backpropagation recursion as a verified, drop-in PyTorch MLP.
+
+The δ recursion of "Backpropagation of Deep Neural Network" (A. Tse, UCL, 2022) as one
+``torch.autograd.Function`` for a whole fully connected stack (:class:`MLPFunction`), wrapped as an
+``nn.Module`` (:class:`BackpropMLP`) and proven equal to native autograd by the test suite.
+"""
+
+from __future__ import annotations
+
+from . import activations, functional, testing
+from .activations import Activation, available_activations, get_activation, register_activation
+from .function import MLPFunction
+from .module import BackpropMLP
+
+__all__ = [
+    "Activation",
+    "BackpropMLP",
+    "MLPFunction",
+    "activations",
+    "available_activations",
+    "functional",
+    "get_activation",
+    "register_activation",
+    "testing",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,421 @@
+"""The activation registry: each σ with its derivative σ', as the slides' backward phase needs it.
+
+The backward phase (slides 8-10) multiplies by σ'_l(z^(l)) at every layer. For most activations
+σ' can be written in terms of the output h = σ(z) (ReLU: 1[h > 0]; tanh: 1 - h²; sigmoid:
+h(1 - h)), so only h, which the next layer needs anyway, is kept for the backward phase; the others
+(GELU, SiLU, softplus) need the pre-activation z as well.
+
+Each entry is a small :class:`Activation`: σ, σ', which of z or h σ' reads, and where PyTorch has one,
+a fused ``grad ⊙ σ'`` kernel (``torch.ops.aten.*_backward``, the kernels native autograd itself uses,
+all differentiable again for double backward). Entries are registered by name, in Opacus's manner
+of one small registered function per kind, and the registry refuses to overwrite a name unless asked
+(``overwrite=True``), as BackPACK does.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "Activation",
+    "activation_from_module",
+    "available_activations",
+    "get_activation",
+    "register_activation",
+    "resolve_activations",
+]
+
+aten = torch.ops.aten
+
+DerivativeFrom = Literal["h", "z", "none"]
+
+
+@dataclass(frozen=True, eq=False)
+class Activation:
+    """One activation σ with its derivative σ'.
+
+    Args:
+        name: registry name, e.g. ``"relu"``.
+        fn: σ, applied out of place: ``h = fn(z)``.
+        derivative: σ' written in terms of the tensor named by ``derivative_from``.
+        derivative_from: ``"h"`` when σ' is a function of the output h = σ(z), ``"z"`` when it
+            needs the pre-activation, ``"none"`` when σ' is constant 1 (identity).
+        fused: optional ``fused(grad, saved) -> grad ⊙ σ'``; a single kernel instead of two.
+        fused_differentiable: whether autograd can differentiate ``fused`` (for double
+            backward); when not, ``grad * derivative(saved)`` is used under ``create_graph``.
+        inplace: optional σ applied in place to a fresh pre-activation (only used when σ' does
+            not read z).
+        module: builds the equivalent native module (for ``to_sequential``).
+        params: the parameters the entry was built with, e.g. ``{"negative_slope": 0.01}``.
+    """
+
+    name: str
+    fn: Callable[[Tensor], Tensor]
+    derivative: Callable[[Tensor], Tensor]
+    derivative_from: DerivativeFrom
+    fused: Callable[[Tensor, Tensor], Tensor] | None = None
+    fused_differentiable: bool = True
+    inplace: Callable[[Tensor], Tensor] | None = None
+    module: Callable[[], nn.Module] | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def forward(self, z: Tensor) -> Tensor:
+        """σ(z) of a fresh pre-activation z: in place on z when σ' does not read z afterwards."""
+        if self.inplace is not None and self.derivative_from != "z":
+            return self.inplace(z)
+        return self.fn(z)
+
+    def backprop(self, grad: Tensor, saved: Tensor | None) -> Tensor:
+        """``grad ⊙ σ'``, where ``saved`` is h or z as ``derivative_from`` says."""
+        if self.derivative_from == "none":
+            return grad
+        if self.fused is not None and (self.fused_differentiable or not torch.is_grad_enabled()):
+            return self.fused(grad, saved)
+        return grad * self.derivative(saved)
+
+    def to_module(self) -> nn.Module:
+        """The equivalent native ``nn.Module``."""
+        if self.module is not None:
+            return self.module()
+        return _ActivationModule(self)
+
+    def __repr__(self) -> str:
+        if not self.params:
+            return self.name
+        args = ", ".join(f"{k}={v}" for k, v in self.params.items())
+        return f"{self.name}({args})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Activation):
+            return NotImplemented
+        return self.name == other.name and self.params == other.params
+
+    def __hash__(self) -> int:
+        return hash((self.name, tuple(sorted(self.params.items()))))
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        # Pickle by name, so models holding lambdas still pickle; the name is resolved on load.
+        return (_rebuild, (self.name, tuple(self.params.items())))
+
+
+def _rebuild(name: str, params: tuple[tuple[str, Any], ...]) -> Activation:
+    return get_activation(name, **dict(params))
+
+
+class _ActivationModule(nn.Module):
+    """Native module for an activation that has no ``torch.nn`` counterpart (user entries)."""
+
+    def __init__(self, activation: Activation) -> None:
+        super().__init__()
+        self.activation = activation
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.activation.fn(z)
+
+    def extra_repr(self) -> str:
+        return repr(self.activation)
+
+
+_REGISTRY: dict[str, Callable[..., Activation]] = {}
+
+
+def register_activation(
+    name: str,
+    fn: Callable[..., Activation] | Callable[[Tensor], Tensor],
+    derivative: Callable[[Tensor], Tensor] | None = None,
+    *,
+    derivative_from: DerivativeFrom = "z",
+    overwrite: bool = False,
+) -> None:
+    """Register an activation under ``name``.
+
+    Either give the pair (σ, σ'), or a factory that takes keyword parameters and returns an
+    :class:`Activation` (``derivative`` left ``None``), as the built-in parametrised entries do.
+
+    Args:
+        name: the name users pass as ``activation=``.
+        fn: σ, or a factory returning an :class:`Activation`.
+        derivative: σ' as a function of z (or of h with ``derivative_from="h"``).
+        derivative_from: which tensor σ' reads: ``"z"`` (default, always correct) or ``"h"``.
+        overwrite: replace an existing entry of the same name.
+
+    Raises:
+        ValueError: the name is taken and ``overwrite`` is false, or ``derivative_from`` is unknown.
+
+    Example:
+        >>> register_activation("square", lambda z: z * z, lambda z: 2 * z)  # doctest: +SKIP
+    """
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"register_activation expects a non-empty string name, got {name!r}")
+    if name in _REGISTRY and not overwrite:
+        raise ValueError(
+            f"activation {name!r} is already registered; pass overwrite=True to replace it"
+        )
+    if derivative_from not in ("h", "z", "none"):
+        raise ValueError(f"derivative_from must be 'h', 'z' or 'none', got {derivative_from!r}")
+    if derivative is None:
+        _REGISTRY[name] = fn  # a factory
+        return
+
+    def factory() -> Activation:
+        return Activation(name, fn, derivative, derivative_from)
+
+    _REGISTRY[name] = factory
+
+
+def available_activations() -> list[str]:
+    """Registered activation names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get_activation(name: str, **params: Any) -> Activation:
+    """The registered activation ``name``, built with ``params`` (e.g. ``negative_slope=0.2``).
+
+    Raises:
+        ValueError: unknown name (the message lists the valid names) or bad parameters.
+    """
+    if name not in _REGISTRY:
+        raise ValueError(
+            f"unknown activation {name!r}; expected one of: {', '.join(available_activations())}"
+        )
+    try:
+        return _REGISTRY[name](**params)
+    except TypeError as error:
+        raise ValueError(f"activation {name!r} does not take parameters {params}: {error}") from None
+
+
+ActivationLike = str | Activation | nn.Module | None
+
+
+def _as_activation(spec: ActivationLike) -> Activation:
+    if spec is None:
+        return get_activation("identity")
+    if isinstance(spec, Activation):
+        return spec
+    if isinstance(spec, str):
+        return get_activation(spec)
+    if isinstance(spec, nn.Module):
+        return activation_from_module(spec)
+    raise TypeError(
+        f"an activation must be a name, an Activation, a supported nn.Module or None, "
+        f"got {type(spec).__name__}"
+    )
+
+
+def resolve_activations(spec: ActivationLike | Sequence[ActivationLike], count: int) -> tuple[Activation, ...]:
+    """``count`` activations from one spec (repeated) or a per-layer list of exactly ``count``.
+
+    Raises:
+        ValueError: a list of the wrong length, or an unknown name.
+    """
+    if isinstance(spec, (list, tuple)):
+        if len(spec) != count:
+            raise ValueError(
+                f"expected a list of {count} activations (one per layer), got {len(spec)}"
+            )
+        return tuple(_as_activation(s) for s in spec)
+    return (_as_activation(spec),) * count
+
+
+# ---------------------------------------------------------------------------------------------
+# Native modules -> registry entries (for from_sequential).
+
+_FROM_MODULE: dict[type[nn.Module], Callable[[Any], Activation]] = {
+    nn.Identity: lambda m: get_activation("identity"),
+    nn.ReLU: lambda m: get_activation("relu"),
+    nn.LeakyReLU: lambda m: get_activation("leaky_relu", negative_slope=m.negative_slope),
+    nn.ELU: lambda m: get_activation("elu", alpha=m.alpha),
+    nn.GELU: lambda m: get_activation("gelu" if m.approximate == "none" else "gelu_tanh"),
+    nn.SiLU: lambda m: get_activation("silu"),
+    nn.Sigmoid: lambda m: get_activation("sigmoid"),
+    nn.Tanh: lambda m: get_activation("tanh"),
+    nn.Softplus: lambda m: get_activation("softplus", beta=m.beta, threshold=m.threshold),
+    _ActivationModule: lambda m: m.activation,
+}
+
+
+def activation_from_module(module: nn.Module) -> Activation:
+    """The registry entry equivalent to a native activation module such as ``nn.ReLU()``.
+
+    Raises:
+        TypeError: the module type has no entry.
+    """
+    convert = _FROM_MODULE.get(type(module))
+    if convert is None:
+        supported = ", ".join(sorted(t.__name__ for t in _FROM_MODULE if t is not _ActivationModule))
+        raise TypeError(f"unsupported activation module {type(module).__name__}; supported: {supported}")
+    return convert(module)
+
+
+# ---------------------------------------------------------------------------------------------
+# Built-in entries. σ' in closed form next to each σ; the fused kernels compute the same product.
+
+
+def _identity() -> Activation:
+    return Activation(
+        "identity", lambda z: z, torch.ones_like, "none", module=nn.Identity
+    )
+
+
+def _relu() -> Activation:
+    # σ'(z) = 1[z > 0] = 1[h > 0]
+    return Activation(
+        "relu",
+        F.relu,
+        lambda h: (h > 0).to(h.dtype),
+        "h",
+        fused=lambda grad, h: aten.threshold_backward(grad, h, 0),
+        inplace=torch.relu_,
+        module=nn.ReLU,
+    )
+
+
+def _leaky_relu(negative_slope: float = 0.01) -> Activation:
+    # σ'(z) = 1 if z > 0 else slope; for slope >= 0, z > 0 exactly when h > 0.
+    slope = float(negative_slope)
+    from_output = slope >= 0
+    return Activation(
+        "leaky_relu",
+        lambda z: F.leaky_relu(z, slope),
+        lambda s: torch.where(s > 0, 1.0, slope).to(s.dtype),
+        "h" if from_output else "z",
+        fused=lambda grad, s: aten.leaky_relu_backward(grad, s, slope, from_output),
+        inplace=lambda z: F.leaky_relu_(z, slope),
+        module=lambda: nn.LeakyReLU(slope),
+        params={"negative_slope": slope},
+    )
+
+
+def _elu(alpha: float = 1.0) -> Activation:
+    # σ'(z) = 1 if z > 0 else α e^z = h + α; for α > 0, z > 0 exactly when h > 0.
+    alpha = float(alpha)
+    from_output = alpha > 0
+    if from_output:
+        derivative = lambda h: torch.where(h > 0, 1.0, h + alpha).to(h.dtype)  # noqa: E731
+    else:
+        derivative = lambda z: torch.where(z > 0, 1.0, alpha * torch.exp(z)).to(z.dtype)  # noqa: E731
+    return Activation(
+        "elu",
+        lambda z: F.elu(z, alpha),
+        derivative,
+        "h" if from_output else "z",
+        fused=lambda grad, s: aten.elu_backward(grad, alpha, 1, 1, from_output, s),
+        inplace=lambda z: F.elu_(z, alpha),
+        module=lambda: nn.ELU(alpha),
+        params={"alpha": alpha},
+    )
+
+
+def _gelu_derivative(z: Tensor) -> Tensor:
+    # σ(z) = z Φ(z)  =>  σ'(z) = Φ(z) + z φ(z)
+    cdf = 0.5 * (1 + torch.erf(z / math.sqrt(2)))
+    pdf = torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
+    return cdf + z * pdf
+
+
+def _gelu_tanh_derivative(z: Tensor) -> Tensor:
+    # σ(z) = z/2 (1 + tanh u), u = √(2/π)(z + 0.044715 z³)
+    k = math.sqrt(2 / math.pi)
+    t = torch.tanh(k * (z + 0.044715 * z**3))
+    return 0.5 * (1 + t) + 0.5 * z * (1 - t * t) * k * (1 + 3 * 0.044715 * z * z)
+
+
+def _gelu() -> Activation:
+    return Activation(
+        "gelu",
+        F.gelu,
+        _gelu_derivative,
+        "z",
+        fused=lambda grad, z: aten.gelu_backward(grad, z),
+        module=nn.GELU,
+    )
+
+
+def _gelu_tanh() -> Activation:
+    return Activation(
+        "gelu_tanh",
+        lambda z: F.gelu(z, approximate="tanh"),
+        _gelu_tanh_derivative,
+        "z",
+        fused=lambda grad, z: aten.gelu_backward(grad, z, approximate="tanh"),
+        module=lambda: nn.GELU(approximate="tanh"),
+    )
+
+
+def _silu() -> Activation:
+    # σ(z) = z s(z), s = sigmoid  =>  σ'(z) = s (1 + z (1 - s))
+    def derivative(z: Tensor) -> Tensor:
+        s = torch.sigmoid(z)
+        return s * (1 + z * (1 - s))
+
+    return Activation(
+        "silu",
+        F.silu,
+        derivative,
+        "z",
+        fused=aten.silu_backward,
+        fused_differentiable=False,  # aten has no derivative for silu_backward
+        module=nn.SiLU,
+    )
+
+
+def _sigmoid() -> Activation:
+    # σ'(z) = σ(z)(1 - σ(z)) = h (1 - h)
+    return Activation(
+        "sigmoid",
+        torch.sigmoid,
+        lambda h: h * (1 - h),
+        "h",
+        fused=lambda grad, h: aten.sigmoid_backward(grad, h),
+        inplace=torch.sigmoid_,
+        module=nn.Sigmoid,
+    )
+
+
+def _tanh() -> Activation:
+    # σ'(z) = 1 - tanh²(z) = 1 - h²
+    return Activation(
+        "tanh",
+        torch.tanh,
+        lambda h: 1 - h * h,
+        "h",
+        fused=lambda grad, h: aten.tanh_backward(grad, h),
+        inplace=torch.tanh_,
+        module=nn.Tanh,
+    )
+
+
+def _softplus(beta: float = 1.0, threshold: float = 20.0) -> Activation:
+    # σ(z) = log(1 + e^{βz})/β (z where βz > threshold)  =>  σ'(z) = sigmoid(βz) (1 there)
+    beta, threshold = float(beta), float(threshold)
+    return Activation(
+        "softplus",
+        lambda z: F.softplus(z, beta, threshold),
+        lambda z: torch.where(z * beta > threshold, 1.0, torch.sigmoid(z * beta)).to(z.dtype),
+        "z",
+        fused=lambda grad, z: aten.softplus_backward(grad, z, beta, threshold),
+        module=lambda: nn.Softplus(beta, threshold),
+        params={"beta": beta, "threshold": threshold},
+    )
+
+
+for _name, _factory in [
+    ("identity", _identity),
+    ("relu", _relu),
+    ("leaky_relu", _leaky_relu),
+    ("elu", _elu),
+    ("gelu", _gelu),
+    ("gelu_tanh", _gelu_tanh),
+    ("silu", _silu),
+    ("sigmoid", _sigmoid),
+    ("tanh", _tanh),
+    ("softplus", _softplus),
+]:
+    register_activation(_name, _factory)

@@ -1,0 +1,231 @@
+"""MLPFunction: the slides' forward and backward phases for a whole fully connected stack.
+
+Implements "Backpropagation of Deep Neural Network" (A. Tse, UCL, 2022): the forward phase of
+slide 3 and the backward phase of slides 8-10, as one ``torch.autograd.Function`` written in the
+style PyTorch's extending guide asks of functions that ``torch.func`` transforms
+(``forward`` + ``setup_context``, ``generate_vmap_rule = True``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .activations import Activation
+
+__all__ = ["MLPFunction"]
+
+
+def _split(tensors: Sequence[Any], depth: int) -> tuple[Sequence[Any], Sequence[Any], Sequence[Any]]:
+    """(weights, biases, dropout masks) from the flat argument list: L, L and L - 1 entries."""
+    return tensors[:depth], tensors[depth : 2 * depth], tensors[2 * depth : 3 * depth - 1]
+
+
+def _compute_dtype(x: Tensor, weight: Tensor) -> torch.dtype:
+    """The dtype the layer products run in: autocast's where it applies, else the weights'."""
+    device_type = x.device.type
+    eligible = weight.dtype in (torch.float32, torch.float16, torch.bfloat16)
+    if eligible and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return weight.dtype
+
+
+class MLPFunction(torch.autograd.Function):
+    r"""The whole stack ``x -> h^(L)`` with the slides' δ recursion as its backward.
+
+    Notation, used everywhere in this package (BackPACK's manner):
+        N: batch (rows), L: number of layers, n_l: width of layer l, n_0 = in_features.
+        h^(0) = x                                  (N, n_0)
+        z^(l+1) = h^(l) W^(l) + b^(l)              (N, n_{l+1}),  l = 0, ..., L-1
+        h^(l+1) = σ_{l+1}(z^(l+1)) [⊙ m^(l+1)]     (N, n_{l+1}),  m ∈ {0, 1/(1-p)}: optional dropout
+                                                   mask of the hidden layers, as nn.Dropout draws it
+        δ^(l) := ∂Q/∂z^(l)                          (N, n_l)
+        W^(l) = ``layers[l].weight.T``             (n_l, n_{l+1}); the code holds nn.Linear's
+                                                   ``weight`` (n_{l+1}, n_l), so h W^(l) = h @ weight.T
+
+    The slides treat one sample as a row vector; the code carries a batch of rows, so every δ^(l)
+    is (N, n_l) and the products over the batch below sum the per-sample gradients.
+
+    Equations (slide 10, corrected):
+        BP1  δ^(L) = ∂Q/∂h^(L) ⊙ σ'_L(z^(L))
+        BP2  δ^(l) = σ'_l(z^(l)) ⊙ m^(l) ⊙ (δ^(l+1) W^(l)ᵀ),    l = L-1, ..., 1
+        BP3  ∂W^(l) = h^(l)ᵀ δ^(l+1)        (nn.Linear layout: δ^(l+1)ᵀ h^(l), (n_{l+1}, n_l))
+        BP4  ∂b^(l) = Σ_N δ^(l+1)
+        BP5  ∂x = δ^(1) W^(0)ᵀ
+
+    Where this differs from the slides, and why:
+        * The forward loop runs l = 0, ..., L-1 (slide 10 says "l ∈ {1, ..., L-1}", which would skip
+          the first layer; slide 3 has it right).
+        * ∂z_j^(l+1)/∂b_i^(l) = 1 only when i = j, so ∂b^(l) = δ^(l+1), not a sum over j.
+        * The δ recursion sums over j, the index of layer l+1: δ_i^(l) = σ'_l(z_i^(l)) Σ_j W_ij^(l) δ_j^(l+1),
+          i.e. the row vector δ^(l+1) W^(l)ᵀ (slide 8 writes Σ_i and "W^(l) δ^(l+1)").
+        * BP1 takes ∂Q/∂h^(L) from autograd (``grad_output``) instead of Q'(h^(L) - y), so any loss
+          that is a function of h^(L) works; for Q(h - y) it is exactly the slides' Q'(h^(L) - y).
+        * σ' is read from h = σ(z) where the math allows (ReLU, leaky ReLU, ELU, sigmoid, tanh), so
+          z is kept only for GELU, SiLU and softplus.
+
+    Three backward paths, each held to native autograd by the tests:
+        * lean (default): forward keeps h^(l) (and z^(l) where σ' needs it); backward is the recursion.
+        * recompute (``recompute=True``): forward keeps only its inputs; backward reruns the forward.
+        * double backward (``create_graph=True``, and inside torch.func): the forward is rerun
+          under autograd, so that the recursion, written in differentiable ops, is itself differentiable
+          in x, W, b and ∂Q/∂h^(L).
+
+    Call as ``MLPFunction.apply(x, activations, recompute, *weights, *biases, *masks)`` with x of
+    shape (N, n_0), L weights, L biases (``None`` for none) and L - 1 dropout masks m^(l)
+    (``None`` for none); it returns ``(h^(L), *intermediates)``, of which only h^(L) is
+    differentiable. :func:`torch_backprop.functional.mlp` is the friendly entry point.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(
+        x: Tensor, activations: tuple[Activation, ...], recompute: bool, *params: Tensor | None
+    ) -> tuple[Tensor, ...]:
+        depth = len(activations)
+        weights, biases, masks = _split(params, depth)
+        hidden, pre_activations = [], []
+        h = x
+        for k, (weight, bias, act) in enumerate(zip(weights, biases, activations)):
+            z = h.mm(weight.t()) if bias is None else torch.addmm(bias, h, weight.t())  # (N, n_{k+1})
+            if act.derivative_from == "z":
+                pre_activations.append(z)
+            h = act.forward(z)  # h^(k+1) = σ(z^(k+1))
+            if k < depth - 1:
+                hidden.append(h)
+                if masks[k] is not None:
+                    h = h * masks[k]  # h^(k+1) ⊙ m^(k+1)
+        return (h, *hidden, *pre_activations)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
+        x, activations, recompute, *params = inputs
+        h_last, *intermediates = output
+        ctx.mark_non_differentiable(*intermediates)
+        ctx.set_materialize_grads(False)
+        ctx.activations, ctx.recompute = activations, recompute
+        device_type = x.device.type
+        ctx.autocast = (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
+        ctx.compute_dtype = _compute_dtype(x, params[0])
+        if recompute:
+            ctx.save_for_backward(x, *params)
+        else:
+            keep_output = activations[-1].derivative_from == "h"
+            ctx.save_for_backward(x, *params, h_last if keep_output else None, *intermediates)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor | None, *_: Tensor | None) -> tuple[Tensor | None, ...]:
+        activations = ctx.activations
+        depth = len(activations)
+        x, *rest = ctx.saved_tensors
+        params = rest[: 3 * depth - 1]
+        weights, biases, masks = _split(params, depth)
+        none = (None,) * (len(params) + 3)
+        if grad_output is None:
+            return none
+
+        if ctx.recompute or torch.is_grad_enabled():
+            # Rerun the forward (under autograd when create_graph=True, so the recursion below is
+            # differentiable in x, W and b), in the autocast state the forward ran in.
+            device_type, enabled, dtype = ctx.autocast
+            with torch.autocast(device_type, dtype=dtype, enabled=enabled):
+                h_last, *intermediates = MLPFunction.forward(x, activations, False, *params)
+        else:
+            h_last, *intermediates = rest[3 * depth - 1 :]
+
+        h, sigma_input = _layer_tensors(x, h_last, intermediates, activations, masks)
+        needs = ctx.needs_input_grad[3:]
+        with _no_autocast(x.device.type):
+            grad_x, grad_weights, grad_biases = _backward_phase(
+                grad_output,
+                h,
+                sigma_input,
+                weights,
+                biases,
+                masks,
+                activations,
+                ctx.compute_dtype,
+                needs_x=ctx.needs_input_grad[0],
+                needs_weight=needs[:depth],
+                needs_bias=needs[depth : 2 * depth],
+            )
+        return (grad_x, None, None, *grad_weights, *grad_biases, *(None,) * (depth - 1))
+
+
+def _no_autocast(device_type: str) -> contextlib.AbstractContextManager[Any]:
+    # The backward phase casts explicitly, as native autograd's backward does; a backward called
+    # inside an autocast region must not recast it.
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _layer_tensors(
+    x: Tensor,
+    h_last: Tensor,
+    intermediates: Sequence[Tensor],
+    activations: Sequence[Activation],
+    masks: Sequence[Tensor | None],
+) -> tuple[list[Tensor], list[Tensor | None]]:
+    """h^(0..L-1) (layer inputs) and, for l = 1..L, the tensor σ'_l reads (h^(l), z^(l) or None)."""
+    depth = len(activations)
+    hidden, pre_activations = intermediates[: depth - 1], iter(intermediates[depth - 1 :])
+    outputs = [*hidden, h_last]
+    sigma_input = []
+    for k, act in enumerate(activations):
+        if act.derivative_from == "z":
+            sigma_input.append(next(pre_activations))
+        elif act.derivative_from == "h":
+            sigma_input.append(outputs[k])
+        else:
+            sigma_input.append(None)
+    h = [x]
+    for a, mask in zip(hidden, masks):
+        h.append(a if mask is None else a * mask)
+    return h, sigma_input
+
+
+def _backward_phase(
+    grad_output: Tensor,
+    h: Sequence[Tensor],
+    sigma_input: Sequence[Tensor | None],
+    weights: Sequence[Tensor],
+    biases: Sequence[Tensor | None],
+    masks: Sequence[Tensor | None],
+    activations: Sequence[Activation],
+    dtype: torch.dtype,
+    *,
+    needs_x: bool,
+    needs_weight: Sequence[bool],
+    needs_bias: Sequence[bool],
+) -> tuple[Tensor | None, list[Tensor | None], list[Tensor | None]]:
+    """The slides' backward phase, BP1-BP5; stops below the lowest layer that needs a gradient."""
+    depth = len(activations)
+    wanted = [needs_weight[k] or needs_bias[k] for k in range(depth)]
+    lowest = 0 if needs_x else next((k for k in range(depth) if wanted[k]), depth)
+    grad_x, grad_weights, grad_biases = None, [None] * depth, [None] * depth
+    if lowest == depth:
+        return grad_x, grad_weights, grad_biases
+
+    delta = activations[-1].backprop(grad_output, sigma_input[-1]).to(dtype)  # BP1, δ^(L): (N, n_L)
+    for k in reversed(range(lowest, depth)):
+        weight = weights[k].to(dtype)  # W^(k)ᵀ, (n_{k+1}, n_k)
+        if needs_weight[k]:
+            grad_weights[k] = delta.t().mm(h[k].to(dtype)).to(weights[k].dtype)  # BP3, (n_{k+1}, n_k)
+        if needs_bias[k]:
+            grad_biases[k] = delta.sum(0).to(biases[k].dtype)  # BP4, (n_{k+1},)
+        if k == lowest and not (k == 0 and needs_x):
+            break
+        back = delta.mm(weight)  # δ^(k+1) W^(k)ᵀ, (N, n_k)
+        if k == 0:
+            grad_x = back.to(h[0].dtype)  # BP5, (N, n_0)
+            break
+        if masks[k - 1] is not None:
+            back = back * masks[k - 1]
+        delta = activations[k - 1].backprop(back, sigma_input[k - 1])  # BP2, δ^(k): (N, n_k)
+    return grad_x, grad_weights, grad_biases

@@ -1,0 +1,156 @@
+"""Check any model's gradients against a reference: ``compare_gradients`` and ``assert_gradients_match``.
+
+Typical use: ``assert_gradients_match(model, model.to_sequential(), x)``, i.e. BackpropMLP against
+native autograd on its twin with identical weights; but any two modules with parameters of the
+same shapes, in the same order, can be compared.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["GradientError", "assert_gradients_match", "compare_gradients"]
+
+
+@dataclass(frozen=True)
+class GradientError:
+    """How far one tensor of ``model`` is from the reference's.
+
+    Attributes:
+        name: ``"output"``, ``"input[i]"`` or the model's parameter name.
+        max_abs: max |model - reference|.
+        max_rel: max |model - reference| / |reference| over the entries where reference ≠ 0.
+        shape: the tensor's shape.
+    """
+
+    name: str
+    max_abs: float
+    max_rel: float
+    shape: tuple[int, ...]
+
+
+def _seeded_loss(output: Tensor) -> Tensor:
+    # A fixed random upstream gradient, so every entry of every gradient is exercised.
+    generator = torch.Generator().manual_seed(0)
+    weights = torch.randn(output.shape, generator=generator, dtype=torch.float64)
+    return (output * weights.to(output.device, output.dtype)).sum()
+
+
+# torch.testing.assert_close's defaults per dtype.
+_DEFAULT_TOLERANCES = {
+    torch.float64: (1e-7, 1e-7),
+    torch.float32: (1.3e-6, 1e-5),
+    torch.bfloat16: (1.6e-2, 1e-5),
+    torch.float16: (1e-3, 1e-5),
+}
+
+
+def _errors(name: str, actual: Tensor, expected: Tensor) -> GradientError:
+    diff = (actual.double() - expected.double()).abs()
+    scale = expected.double().abs()
+    nonzero = scale > 0
+    max_abs = diff.max().item() if diff.numel() else 0.0
+    max_rel = (diff[nonzero] / scale[nonzero]).max().item() if nonzero.any() else 0.0
+    return GradientError(name, max_abs, max_rel, tuple(actual.shape))
+
+
+def _gradient_pairs(
+    model: nn.Module, reference: nn.Module, inputs: tuple[Tensor, ...], loss_fn: Callable[[Tensor], Tensor]
+) -> list[tuple[str, Tensor, Tensor]]:
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    ref_params = [p for p in reference.parameters() if p.requires_grad]
+    if len(named) != len(ref_params):
+        raise ValueError(f"model has {len(named)} trainable parameters but reference has {len(ref_params)}")
+    results = []
+    for module, params in ((model, [p for _, p in named]), (reference, ref_params)):
+        xs = [x.detach().clone().requires_grad_(x.requires_grad) for x in inputs]
+        output = module(*xs)
+        wrt = [x for x in xs if x.requires_grad] + params
+        grads = torch.autograd.grad(loss_fn(output), wrt, allow_unused=True) if wrt else ()
+        results.append([output.detach(), *grads])
+    names = ["output"] + [f"input[{i}]" for i, x in enumerate(inputs) if x.requires_grad] + [n for n, _ in named]
+    pairs = []
+    for name, actual, expected in zip(names, *results):
+        if (actual is None) != (expected is None):
+            raise ValueError(f"{name}: one side has no gradient")
+        if actual is not None:
+            if actual.shape != expected.shape:
+                raise ValueError(
+                    f"{name}: shape {tuple(actual.shape)} differs from the reference's {tuple(expected.shape)}"
+                )
+            pairs.append((name, actual, expected))
+    return pairs
+
+
+def compare_gradients(
+    model: nn.Module,
+    reference: nn.Module,
+    *inputs: Tensor,
+    loss_fn: Callable[[Tensor], Tensor] = _seeded_loss,
+) -> list[GradientError]:
+    """Run both modules on ``inputs``, backpropagate ``loss_fn(output)``, and measure the differences.
+
+    Inputs that require grad are compared too. Existing ``.grad`` fields are left untouched
+    (gradients are taken with ``torch.autograd.grad``).
+
+    Args:
+        model: the module under test.
+        reference: a module with parameters of the same shapes in the same order (e.g.
+            ``model.to_sequential()``).
+        *inputs: the inputs, passed to both (each module gets its own copy).
+        loss_fn: a scalar function of the output; default: a sum weighted by fixed random numbers.
+
+    Returns:
+        One :class:`GradientError` for the output, each input that requires grad, and each
+        parameter of ``model`` that requires grad, in that order.
+
+    Raises:
+        ValueError: the trainable parameter lists differ in length or shape.
+    """
+    return [_errors(*pair) for pair in _gradient_pairs(model, reference, inputs, loss_fn)]
+
+
+def format_table(errors: list[GradientError]) -> str:
+    """A fixed-width table of :class:`GradientError` rows."""
+    lines = [f"{'tensor':<24} {'shape':<16} {'max abs err':>12} {'max rel err':>12}"]
+    for e in errors:
+        lines.append(f"{e.name:<24} {str(e.shape):<16} {e.max_abs:>12.3e} {e.max_rel:>12.3e}")
+    return "\n".join(lines)
+
+
+def assert_gradients_match(
+    model: nn.Module,
+    reference: nn.Module,
+    *inputs: Tensor,
+    loss_fn: Callable[[Tensor], Tensor] = _seeded_loss,
+    rtol: float | None = None,
+    atol: float | None = None,
+) -> list[GradientError]:
+    """Like :func:`compare_gradients`, but raise ``AssertionError`` with a per-tensor table when
+    any tensor is off by more than ``atol + rtol * |reference|`` (``torch.testing.assert_close``'s
+    rule and, by default, its dtype-based tolerances).
+
+    Returns:
+        The rows of :func:`compare_gradients`, when everything matches.
+    """
+    pairs = _gradient_pairs(model, reference, inputs, loss_fn)
+    errors = [_errors(*pair) for pair in pairs]
+    dtype = next(model.parameters()).dtype
+    default_rtol, default_atol = _DEFAULT_TOLERANCES.get(dtype, _DEFAULT_TOLERANCES[torch.float32])
+    rtol = default_rtol if rtol is None else rtol
+    atol = default_atol if atol is None else atol
+    bad = [
+        name
+        for name, actual, expected in pairs
+        if not torch.isclose(actual.double(), expected.double(), rtol=rtol, atol=atol).all()
+    ]
+    if bad:
+        raise AssertionError(
+            f"gradients differ beyond rtol={rtol}, atol={atol} (mismatched: {', '.join(bad)}):\n"
+            f"{format_table(errors)}"
+        )
+    return errors
