@@ -155,9 +155,7 @@ def register_activation(
     if not isinstance(name, str) or not name:
         raise TypeError(f"register_activation expects a non-empty string name, got {name!r}")
     if name in _REGISTRY and not overwrite:
-        raise ValueError(
-            f"activation {name!r} is already registered; pass overwrite=True to replace it"
-        )
+        raise ValueError(f"activation {name!r} is already registered; pass overwrite=True to replace it")
     if derivative_from not in ("h", "z", "none"):
         raise ValueError(f"derivative_from must be 'h', 'z' or 'none', got {derivative_from!r}")
     if derivative is None:
@@ -209,7 +207,9 @@ def _as_activation(spec: ActivationLike) -> Activation:
     )
 
 
-def resolve_activations(spec: ActivationLike | Sequence[ActivationLike], count: int) -> tuple[Activation, ...]:
+def resolve_activations(
+    spec: ActivationLike | Sequence[ActivationLike], count: int
+) -> tuple[Activation, ...]:
     """``count`` activations from one spec (repeated) or a per-layer list of exactly ``count``.
 
     Raises:
@@ -217,9 +217,7 @@ def resolve_activations(spec: ActivationLike | Sequence[ActivationLike], count: 
     """
     if isinstance(spec, (list, tuple)):
         if len(spec) != count:
-            raise ValueError(
-                f"expected a list of {count} activations (one per layer), got {len(spec)}"
-            )
+            raise ValueError(f"expected a list of {count} activations (one per layer), got {len(spec)}")
         return tuple(_as_activation(s) for s in spec)
     return (_as_activation(spec),) * count
 
@@ -259,9 +257,7 @@ def activation_from_module(module: nn.Module) -> Activation:
 
 
 def _identity() -> Activation:
-    return Activation(
-        "identity", lambda z: z, torch.ones_like, "none", module=nn.Identity
-    )
+    return Activation("identity", lambda z: z, torch.ones_like, "none", module=nn.Identity)
 
 
 def _relu() -> Activation:

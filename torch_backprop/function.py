@@ -9,15 +9,15 @@ style PyTorch's extending guide asks of functions that ``torch.func`` transforms
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Iterator, Sequence
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from .activations import Activation
 
-__all__ = ["MLPFunction"]
+__all__ = ["MLPFunction", "Tape", "backward_phase", "deltas", "lowest_layer"]
 
 
 def _split(tensors: Sequence[Any], depth: int) -> tuple[Sequence[Any], Sequence[Any], Sequence[Any]]:
@@ -75,17 +75,22 @@ class MLPFunction(torch.autograd.Function):
           under autograd, so that the recursion, written in differentiable ops, is itself differentiable
           in x, W, b and ∂Q/∂h^(L).
 
-    Call as ``MLPFunction.apply(x, activations, recompute, *weights, *biases, *masks)`` with x of
-    shape (N, n_0), L weights, L biases (``None`` for none) and L - 1 dropout masks m^(l)
-    (``None`` for none); it returns ``(h^(L), *intermediates)``, of which only h^(L) is
-    differentiable. :func:`torch_backprop.functional.mlp` is the friendly entry point.
+    Call as ``MLPFunction.apply(x, activations, recompute, backward_phase, *weights, *biases, *masks)``
+    with x of shape (N, n_0), L weights, L biases (``None`` for none) and L - 1 dropout masks m^(l)
+    (``None`` for none); ``backward_phase`` is ``None`` for :func:`backward_phase`, or a replacement
+    with the same signature (per-sample gradients use one). It returns ``(h^(L), *intermediates)``,
+    of which only h^(L) is differentiable. :func:`torch_backprop.functional.mlp` is the friendly entry point.
     """
 
     generate_vmap_rule = True
 
     @staticmethod
     def forward(
-        x: Tensor, activations: tuple[Activation, ...], recompute: bool, *params: Tensor | None
+        x: Tensor,
+        activations: tuple[Activation, ...],
+        recompute: bool,
+        backward_phase: Any,
+        *params: Tensor | None,
     ) -> tuple[Tensor, ...]:
         depth = len(activations)
         weights, biases, masks = _split(params, depth)
@@ -104,13 +109,17 @@ class MLPFunction(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
-        x, activations, recompute, *params = inputs
+        x, activations, recompute, backward_phase, *params = inputs
         h_last, *intermediates = output
         ctx.mark_non_differentiable(*intermediates)
         ctx.set_materialize_grads(False)
-        ctx.activations, ctx.recompute = activations, recompute
+        ctx.activations, ctx.recompute, ctx.backward_phase = activations, recompute, backward_phase
         device_type = x.device.type
-        ctx.autocast = (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
+        ctx.autocast = (
+            device_type,
+            torch.is_autocast_enabled(device_type),
+            torch.get_autocast_dtype(device_type),
+        )
         ctx.compute_dtype = _compute_dtype(x, params[0])
         if recompute:
             ctx.save_for_backward(x, *params)
@@ -125,36 +134,29 @@ class MLPFunction(torch.autograd.Function):
         x, *rest = ctx.saved_tensors
         params = rest[: 3 * depth - 1]
         weights, biases, masks = _split(params, depth)
-        none = (None,) * (len(params) + 3)
         if grad_output is None:
-            return none
+            return (None,) * (len(params) + 4)
 
         if ctx.recompute or torch.is_grad_enabled():
             # Rerun the forward (under autograd when create_graph=True, so the recursion below is
             # differentiable in x, W and b), in the autocast state the forward ran in.
             device_type, enabled, dtype = ctx.autocast
             with torch.autocast(device_type, dtype=dtype, enabled=enabled):
-                h_last, *intermediates = MLPFunction.forward(x, activations, False, *params)
+                h_last, *intermediates = MLPFunction.forward(x, activations, False, None, *params)
         else:
             h_last, *intermediates = rest[3 * depth - 1 :]
 
         h, sigma_input = _layer_tensors(x, h_last, intermediates, activations, masks)
-        needs = ctx.needs_input_grad[3:]
+        tape = Tape(grad_output, h, sigma_input, weights, biases, masks, activations, ctx.compute_dtype)
+        needs = ctx.needs_input_grad[4:]
         with _no_autocast(x.device.type):
-            grad_x, grad_weights, grad_biases = _backward_phase(
-                grad_output,
-                h,
-                sigma_input,
-                weights,
-                biases,
-                masks,
-                activations,
-                ctx.compute_dtype,
+            grad_x, grad_weights, grad_biases = (ctx.backward_phase or backward_phase)(
+                tape,
                 needs_x=ctx.needs_input_grad[0],
                 needs_weight=needs[:depth],
                 needs_bias=needs[depth : 2 * depth],
             )
-        return (grad_x, None, None, *grad_weights, *grad_biases, *(None,) * (depth - 1))
+        return (grad_x, None, None, None, *grad_weights, *grad_biases, *(None,) * (depth - 1))
 
 
 def _no_autocast(device_type: str) -> contextlib.AbstractContextManager[Any]:
@@ -190,42 +192,69 @@ def _layer_tensors(
     return h, sigma_input
 
 
-def _backward_phase(
-    grad_output: Tensor,
-    h: Sequence[Tensor],
-    sigma_input: Sequence[Tensor | None],
-    weights: Sequence[Tensor],
-    biases: Sequence[Tensor | None],
-    masks: Sequence[Tensor | None],
-    activations: Sequence[Activation],
-    dtype: torch.dtype,
-    *,
-    needs_x: bool,
-    needs_weight: Sequence[bool],
-    needs_bias: Sequence[bool],
+class Tape(NamedTuple):
+    """What the backward phase reads: ∂Q/∂h^(L) and the forward phase's tensors.
+
+    Attributes:
+        grad_output: ∂Q/∂h^(L), (N, n_L).
+        h: h^(0), ..., h^(L-1), the layer inputs; h[l] is (N, n_l).
+        sigma_input: for l = 1, ..., L (at index l - 1), the tensor σ'_l reads: h^(l), z^(l) or None.
+        weights: W^(0)ᵀ, ..., W^(L-1)ᵀ (nn.Linear layout).
+        biases: b^(0), ..., b^(L-1) (or None).
+        masks: dropout masks m^(1), ..., m^(L-1) (or None).
+        activations: σ_1, ..., σ_L.
+        dtype: the dtype the products run in (autocast's, or the weights').
+    """
+
+    grad_output: Tensor
+    h: Sequence[Tensor]
+    sigma_input: Sequence[Tensor | None]
+    weights: Sequence[Tensor]
+    biases: Sequence[Tensor | None]
+    masks: Sequence[Tensor | None]
+    activations: Sequence[Activation]
+    dtype: torch.dtype
+
+
+def deltas(tape: Tape, lowest: int = 0) -> Iterator[tuple[int, Tensor]]:
+    """The δ recursion: yields ``(l, δ^(l+1))`` for l = L-1 down to ``lowest`` (BP1, then BP2).
+
+    A generator, so a caller can use each δ^(l+1) (for ∂W^(l), ∂b^(l)) before the next is made.
+    """
+    depth = len(tape.activations)
+    delta = tape.activations[-1].backprop(tape.grad_output, tape.sigma_input[-1]).to(tape.dtype)  # BP1
+    for k in reversed(range(lowest, depth)):
+        yield k, delta  # δ^(k+1), (N, n_{k+1})
+        if k == lowest:
+            return
+        back = delta.mm(tape.weights[k].to(tape.dtype))  # δ^(k+1) W^(k)ᵀ, (N, n_k)
+        if tape.masks[k - 1] is not None:
+            back = back * tape.masks[k - 1]
+        delta = tape.activations[k - 1].backprop(back, tape.sigma_input[k - 1])  # BP2, δ^(k): (N, n_k)
+
+
+def lowest_layer(needs_x: bool, needs_weight: Sequence[bool], needs_bias: Sequence[bool]) -> int:
+    """The lowest layer the recursion must reach: 0 when ∂x is needed, L when nothing is."""
+    if needs_x:
+        return 0
+    wanted = [w or b for w, b in zip(needs_weight, needs_bias)]
+    return wanted.index(True) if True in wanted else len(wanted)
+
+
+def backward_phase(
+    tape: Tape, *, needs_x: bool, needs_weight: Sequence[bool], needs_bias: Sequence[bool]
 ) -> tuple[Tensor | None, list[Tensor | None], list[Tensor | None]]:
-    """The slides' backward phase, BP1-BP5; stops below the lowest layer that needs a gradient."""
-    depth = len(activations)
-    wanted = [needs_weight[k] or needs_bias[k] for k in range(depth)]
-    lowest = 0 if needs_x else next((k for k in range(depth) if wanted[k]), depth)
+    """The slides' backward phase, BP1-BP5: (∂x, [∂W^(l)], [∂b^(l)]), ``None`` where not needed."""
+    depth = len(tape.activations)
     grad_x, grad_weights, grad_biases = None, [None] * depth, [None] * depth
+    lowest = lowest_layer(needs_x, needs_weight, needs_bias)
     if lowest == depth:
         return grad_x, grad_weights, grad_biases
-
-    delta = activations[-1].backprop(grad_output, sigma_input[-1]).to(dtype)  # BP1, δ^(L): (N, n_L)
-    for k in reversed(range(lowest, depth)):
-        weight = weights[k].to(dtype)  # W^(k)ᵀ, (n_{k+1}, n_k)
+    for k, delta in deltas(tape, lowest):
         if needs_weight[k]:
-            grad_weights[k] = delta.t().mm(h[k].to(dtype)).to(weights[k].dtype)  # BP3, (n_{k+1}, n_k)
+            grad_weights[k] = delta.t().mm(tape.h[k].to(tape.dtype)).to(tape.weights[k].dtype)  # BP3
         if needs_bias[k]:
-            grad_biases[k] = delta.sum(0).to(biases[k].dtype)  # BP4, (n_{k+1},)
-        if k == lowest and not (k == 0 and needs_x):
-            break
-        back = delta.mm(weight)  # δ^(k+1) W^(k)ᵀ, (N, n_k)
-        if k == 0:
-            grad_x = back.to(h[0].dtype)  # BP5, (N, n_0)
-            break
-        if masks[k - 1] is not None:
-            back = back * masks[k - 1]
-        delta = activations[k - 1].backprop(back, sigma_input[k - 1])  # BP2, δ^(k): (N, n_k)
+            grad_biases[k] = delta.sum(0).to(tape.biases[k].dtype)  # BP4, (n_{k+1},)
+        if k == 0 and needs_x:
+            grad_x = delta.mm(tape.weights[0].to(tape.dtype)).to(tape.h[0].dtype)  # BP5, (N, n_0)
     return grad_x, grad_weights, grad_biases

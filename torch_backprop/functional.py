@@ -7,7 +7,8 @@ slides' forward and backward phases.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -52,9 +53,7 @@ def check_input(input: Tensor, weight: Tensor, caller: str = "mlp") -> None:
         )
 
 
-def _check_parameters(
-    weights: Sequence[Tensor], biases: Sequence[Tensor | None], dropout: float
-) -> None:
+def _check_parameters(weights: Sequence[Tensor], biases: Sequence[Tensor | None], dropout: float) -> None:
     if len(weights) == 0:
         raise ValueError("mlp expects at least one weight matrix, got none")
     if len(biases) != len(weights):
@@ -80,8 +79,7 @@ def dropout_masks(
 ) -> list[Tensor]:
     """Masks m^(l) ∈ {0, 1/(1-p)} for the hidden layers, drawn as ``nn.Dropout`` draws them."""
     return [
-        torch.empty(rows, width, dtype=dtype, device=device).bernoulli_(1 - p).div_(1 - p)
-        for width in widths
+        torch.empty(rows, width, dtype=dtype, device=device).bernoulli_(1 - p).div_(1 - p) for width in widths
     ]
 
 
@@ -94,6 +92,7 @@ def mlp(
     dropout: float = 0.0,
     training: bool = False,
     recompute: bool = False,
+    backward_phase: Callable[..., Any] | None = None,
 ) -> Tensor:
     """A fully connected stack, differentiated by the slides' δ recursion.
 
@@ -110,6 +109,8 @@ def mlp(
         dropout: probability of zeroing a hidden unit (not the output), as ``nn.Dropout``.
         training: apply dropout (as ``F.dropout``'s ``training``).
         recompute: keep only the input for backward and recompute the rest there (less memory).
+        backward_phase: replaces :func:`torch_backprop.function.backward_phase` (used by
+            :func:`torch_backprop.per_sample`); ``None`` for the ordinary one.
 
     Returns:
         ``(*, n_L)``.
@@ -135,5 +136,5 @@ def mlp(
         masks = dropout_masks(x.shape[0], widths, dropout, _compute_dtype(x, weights[0]), x.device)
     else:
         masks = [None] * (len(weights) - 1)
-    h_last, *_ = MLPFunction.apply(x, acts, recompute, *weights, *biases, *masks)
+    h_last, *_ = MLPFunction.apply(x, acts, recompute, backward_phase, *weights, *biases, *masks)
     return h_last.reshape(*input.shape[:-1], h_last.shape[-1])

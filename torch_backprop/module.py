@@ -163,9 +163,10 @@ class BackpropMLP(nn.Module):
 
     @classmethod
     def from_sequential(cls, sequential: nn.Sequential, *, recompute: bool = False) -> BackpropMLP:
-        """A BackpropMLP equal to ``sequential``: ``nn.Linear`` layers, each followed by at most one
-        supported activation module and, between hidden layers, ``nn.Dropout`` of one common p.
+        """A BackpropMLP equal to ``sequential``.
 
+        ``sequential`` holds ``nn.Linear`` layers, each followed by at most one supported activation
+        module and, between hidden layers, ``nn.Dropout`` of one common p.
         Parameters are copied (nothing is shared); dtype, device, training mode and
         ``requires_grad`` are kept.
 

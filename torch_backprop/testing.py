@@ -72,7 +72,9 @@ def _gradient_pairs(
         wrt = [x for x in xs if x.requires_grad] + params
         grads = torch.autograd.grad(loss_fn(output), wrt, allow_unused=True) if wrt else ()
         results.append([output.detach(), *grads])
-    names = ["output"] + [f"input[{i}]" for i, x in enumerate(inputs) if x.requires_grad] + [n for n, _ in named]
+    names = (
+        ["output"] + [f"input[{i}]" for i, x in enumerate(inputs) if x.requires_grad] + [n for n, _ in named]
+    )
     pairs = []
     for name, actual, expected in zip(names, *results):
         if (actual is None) != (expected is None):
@@ -80,7 +82,8 @@ def _gradient_pairs(
         if actual is not None:
             if actual.shape != expected.shape:
                 raise ValueError(
-                    f"{name}: shape {tuple(actual.shape)} differs from the reference's {tuple(expected.shape)}"
+                    f"{name}: shape {tuple(actual.shape)} differs from the reference's "
+                    f"{tuple(expected.shape)}"
                 )
             pairs.append((name, actual, expected))
     return pairs
@@ -130,8 +133,10 @@ def assert_gradients_match(
     rtol: float | None = None,
     atol: float | None = None,
 ) -> list[GradientError]:
-    """Like :func:`compare_gradients`, but raise ``AssertionError`` with a per-tensor table when
-    any tensor is off by more than ``atol + rtol * |reference|`` (``torch.testing.assert_close``'s
+    """Like :func:`compare_gradients`, but raise when any tensor differs.
+
+    Raises ``AssertionError`` with a per-tensor table when any tensor is off by more than
+    ``atol + rtol * |reference|`` (``torch.testing.assert_close``'s
     rule and, by default, its dtype-based tolerances).
 
     Returns:
