@@ -8,7 +8,7 @@ it runs :func:`torch_backprop.functional.mlp`, whose backward is the slides' bac
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -51,6 +51,8 @@ class BackpropMLP(nn.Module):
         layers (nn.ModuleList): the ``nn.Linear`` layers; ``layers[l].weight`` is W^(l)ᵀ, of
             shape ``(sizes[l+1], sizes[l])``, initialised as ``nn.Linear`` does.
         activations (tuple[Activation, ...]): σ_1, ..., σ_L (the last is the output activation).
+        backward_phase: ``None`` for the slides' backward phase, or a replacement with the
+            signature of :func:`torch_backprop.function.backward_phase` (:func:`per_sample` sets one).
 
     Raises:
         ValueError: fewer than 2 sizes, a non-positive size, a dropout outside [0, 1), an unknown
@@ -91,6 +93,7 @@ class BackpropMLP(nn.Module):
         self.activations: tuple[Activation, ...] = (*hidden, output)
         self.dropout = float(dropout)
         self.recompute = recompute
+        self.backward_phase: Callable[..., Any] | None = None
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
         self.layers = nn.ModuleList(
             nn.Linear(n_in, n_out, bias=bias, **factory) for n_in, n_out in zip(sizes[:-1], sizes[1:])
@@ -122,6 +125,7 @@ class BackpropMLP(nn.Module):
             dropout=self.dropout,
             training=self.training,
             recompute=self.recompute,
+            backward_phase=self.backward_phase,
         )
 
     def extra_repr(self) -> str:
