@@ -11,6 +11,7 @@ from . import activations, functional, testing
 from .activations import Activation, available_activations, get_activation, register_activation
 from .function import MLPFunction
 from .module import BackpropMLP
+from .per_sample import dp_sgd_step, per_sample
 
 __all__ = [
     "Activation",
@@ -18,8 +19,10 @@ __all__ = [
     "MLPFunction",
     "activations",
     "available_activations",
+    "dp_sgd_step",
     "functional",
     "get_activation",
+    "per_sample",
     "register_activation",
     "testing",
 ]
