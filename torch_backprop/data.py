@@ -1,0 +1,264 @@
+"""Datasets for the ``train`` command: torchvision image sets as normalised, flattened tensors.
+
+Each dataset is loaded once through ``torchvision.datasets`` (downloaded into a cache directory
+when missing), normalised with its usual per-channel mean and standard deviation (what
+``transforms.Normalize`` after ``ToTensor`` gives) and flattened, so that an MLP with
+``sizes[0] = channels * height * width`` reads it. The result is an in-memory
+``TensorDataset``: on a small machine that is much faster than a per-sample PIL pipeline.
+
+``mnist-10k`` reads the two MNIST test-set IDX files alone (see ``../shared/data/README.md``):
+train on the first 8,000 images, test on the last 2,000.
+
+Every failure to find or read the files raises :class:`DataError`, whose message says where the
+files were looked for, what is missing and how to proceed; the command prints it without a traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torch.utils.data import TensorDataset
+
+__all__ = [
+    "DATASETS",
+    "DataError",
+    "DatasetInfo",
+    "default_data_root",
+    "expected_files",
+    "load_dataset",
+]
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What the trainer needs to know about a dataset before loading it.
+
+    Attributes:
+        name: the ``--dataset`` name.
+        shape: (channels, height, width) of one image.
+        num_classes: number of labels.
+        mean: per-channel mean of the training images in [0, 1] (the usual published figure).
+        std: per-channel standard deviation, likewise.
+    """
+
+    name: str
+    shape: tuple[int, int, int]
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @property
+    def in_features(self) -> int:
+        """``channels * height * width``: the MLP's ``sizes[0]``."""
+        channels, height, width = self.shape
+        return channels * height * width
+
+
+DATASETS: dict[str, DatasetInfo] = {
+    info.name: info
+    for info in [
+        DatasetInfo("mnist", (1, 28, 28), 10, (0.1307,), (0.3081,)),
+        DatasetInfo("mnist-10k", (1, 28, 28), 10, (0.1307,), (0.3081,)),
+        DatasetInfo("fashion-mnist", (1, 28, 28), 10, (0.2860,), (0.3530,)),
+        DatasetInfo("kmnist", (1, 28, 28), 10, (0.1918,), (0.3483,)),
+        DatasetInfo("cifar10", (3, 32, 32), 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+        DatasetInfo("fake", (1, 28, 28), 10, (0.5,), (0.5,)),
+    ]
+}
+
+# torchvision class name for the sets torchvision downloads itself.
+_TORCHVISION_CLASS = {
+    "mnist": "MNIST",
+    "fashion-mnist": "FashionMNIST",
+    "kmnist": "KMNIST",
+    "cifar10": "CIFAR10",
+}
+_MNIST_10K_FILES = ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+MNIST_10K_SPLIT = 8000  # first 8,000 images train, the rest (2,000) test
+
+
+class DataError(RuntimeError):
+    """The dataset could not be found, downloaded or read; the message says what to do."""
+
+
+def default_data_root() -> Path:
+    """``$TORCH_BACKPROP_DATA`` if set, else ``$XDG_CACHE_HOME/torch_backprop`` (``~/.cache/...``)."""
+    if os.environ.get("TORCH_BACKPROP_DATA"):
+        return Path(os.environ["TORCH_BACKPROP_DATA"]).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "torch_backprop"
+
+
+def expected_files(name: str, root: str | os.PathLike[str]) -> list[Path]:
+    """The files ``load_dataset(name, root)`` reads (empty for ``fake``)."""
+    root = Path(root)
+    if name == "mnist-10k":
+        folder = root if (root / _MNIST_10K_FILES[0]).exists() else root / "MNIST" / "raw"
+        return [folder / f for f in _MNIST_10K_FILES]
+    if name == "cifar10":
+        from torchvision.datasets import CIFAR10
+
+        return [root / CIFAR10.base_folder / f for f, _ in CIFAR10.train_list + CIFAR10.test_list]
+    if name in _TORCHVISION_CLASS:
+        import torchvision.datasets
+
+        cls = getattr(torchvision.datasets, _TORCHVISION_CLASS[name])
+        return [root / cls.__name__ / "raw" / os.path.splitext(f)[0] for f, _ in cls.resources]
+    return []
+
+
+def _normalise(images: Tensor, info: DatasetInfo) -> Tensor:
+    """uint8 (N, C, H, W) -> float32 (N, C*H*W), as ``ToTensor`` then ``Normalize(mean, std)``."""
+    mean = torch.tensor(info.mean).view(1, -1, 1, 1)
+    std = torch.tensor(info.std).view(1, -1, 1, 1)
+    return ((images.float() / 255 - mean) / std).flatten(1)
+
+
+def _as_nchw(data: object) -> Tensor:
+    images = torch.as_tensor(data)
+    if images.dim() == 3:  # (N, H, W), the MNIST family
+        return images.unsqueeze(1)
+    return images.permute(0, 3, 1, 2)  # (N, H, W, C), CIFAR
+
+
+def _failure(name: str, root: Path, reason: str) -> DataError:
+    files = expected_files(name, root)
+    missing = [str(f) for f in files if not f.exists()]
+    lines = [f"cannot load dataset {name!r} from {root}: {reason}"]
+    if missing:
+        lines.append("missing: " + ", ".join(missing))
+    elif files:
+        lines.append(
+            "the files are there but could not be read (corrupt or truncated?): delete them to "
+            "download them again"
+        )
+    lines.append(
+        "to proceed: put the files there (or pass --data-root DIR where they are), "
+        "or run offline with --dataset fake"
+    )
+    if name == "mnist":
+        lines.append("(real MNIST digits offline: --dataset mnist-10k --data-root ../shared/data/mnist-10k)")
+    return DataError("\n".join(lines))
+
+
+def _load_mnist_10k(root: Path) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    from torchvision.datasets.mnist import read_image_file, read_label_file
+
+    image_file, label_file = expected_files("mnist-10k", root)
+    if not (image_file.exists() and label_file.exists()):
+        raise _failure(
+            "mnist-10k",
+            root,
+            "the MNIST test-set IDX files are not there (no download for "
+            "this set: it is the offline copy of the official test set)",
+        )
+    try:
+        images, labels = read_image_file(str(image_file)), read_label_file(str(label_file))
+    except Exception as error:  # torchvision raises assorted types on malformed IDX files
+        raise _failure("mnist-10k", root, f"{type(error).__name__}: {error}") from None
+    if images.shape[0] != labels.shape[0] or images.shape[0] <= MNIST_10K_SPLIT:
+        raise _failure(
+            "mnist-10k",
+            root,
+            f"expected more than {MNIST_10K_SPLIT} images with one label "
+            f"each, got {images.shape[0]} images and {labels.shape[0]} labels",
+        )
+    split = MNIST_10K_SPLIT
+    images = _as_nchw(images)
+    return images[:split], labels[:split], images[split:], labels[split:]
+
+
+def _load_torchvision(name: str, root: Path, download: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    import torchvision.datasets
+
+    cls = getattr(torchvision.datasets, _TORCHVISION_CLASS[name])
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # torchvision prints each mirror it tries
+            train = cls(str(root), train=True, download=download)
+            test = cls(str(root), train=False, download=download)
+    except Exception as error:  # network errors, checksum errors, unreadable files: all one message
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        reason = f"{type(error).__name__}: {lines[0].rstrip(':') if lines else ''}"
+        if len(lines) > 1:  # torchvision lists each mirror it tried; the last error says why
+            reason += f" ({lines[-1]})"
+        raise _failure(name, root, reason) from None
+    return (
+        _as_nchw(train.data),
+        torch.as_tensor(train.targets),
+        _as_nchw(test.data),
+        torch.as_tensor(test.targets),
+    )
+
+
+def _load_fake(size: int, test_size: int, seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    from torchvision.datasets import FakeData
+    from torchvision.transforms.functional import pil_to_tensor
+
+    info = DATASETS["fake"]
+    splits = []
+    for count, offset in ((size, seed), (test_size, seed + 1)):
+        fake = FakeData(count, image_size=info.shape, num_classes=info.num_classes, random_offset=offset)
+        pairs = [(pil_to_tensor(image), label) for image, label in fake]
+        images = (
+            torch.stack([p[0] for p in pairs]) if pairs else torch.empty(0, *info.shape, dtype=torch.uint8)
+        )
+        splits += [images, torch.tensor([int(p[1]) for p in pairs], dtype=torch.int64)]
+    return splits[0], splits[1], splits[2], splits[3]
+
+
+def load_dataset(
+    name: str,
+    root: str | os.PathLike[str] | None = None,
+    *,
+    download: bool = True,
+    limit_train: int | None = None,
+    limit_test: int | None = None,
+    fake_size: int = 1024,
+    seed: int = 0,
+) -> tuple[TensorDataset, TensorDataset, DatasetInfo]:
+    """The train and test sets of ``name`` as ``TensorDataset(features, labels)``.
+
+    Args:
+        name: a key of :data:`DATASETS`.
+        root: where the files are (and go); default :func:`default_data_root`.
+        download: fetch the files when missing (the sets torchvision can download).
+        limit_train: keep only the first this many training samples.
+        limit_test: keep only the first this many test samples.
+        fake_size: number of training samples of ``fake`` (the test set gets a quarter, at least 1).
+        seed: the ``random_offset`` of ``fake``.
+
+    Returns:
+        ``(train, test, info)``; features are float32 ``(N, info.in_features)``, labels int64 ``(N,)``.
+
+    Raises:
+        ValueError: unknown name.
+        DataError: files missing or unreadable (the message says where and how to proceed).
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; expected one of: {', '.join(DATASETS)}")
+    info = DATASETS[name]
+    root = Path(root).expanduser() if root is not None else default_data_root()
+    if name == "fake":
+        test_size = max(1, fake_size // 4)
+        if limit_train is not None:
+            fake_size = min(fake_size, limit_train)
+        if limit_test is not None:
+            test_size = min(test_size, limit_test)
+        train_x, train_y, test_x, test_y = _load_fake(fake_size, test_size, seed)
+    elif name == "mnist-10k":
+        train_x, train_y, test_x, test_y = _load_mnist_10k(root)
+    else:
+        train_x, train_y, test_x, test_y = _load_torchvision(name, root, download)
+    if limit_train is not None:
+        train_x, train_y = train_x[:limit_train], train_y[:limit_train]
+    if limit_test is not None:
+        test_x, test_y = test_x[:limit_test], test_y[:limit_test]
+    train = TensorDataset(_normalise(train_x, info), train_y.long())
+    test = TensorDataset(_normalise(test_x, info), test_y.long())
+    return train, test, info

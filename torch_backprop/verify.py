@@ -1,0 +1,284 @@
+"""The ``verify`` command: check the manual backward against native autograd for one architecture.
+
+Runs random data through :class:`~torch_backprop.BackpropMLP` and its native twin
+(:meth:`~torch_backprop.BackpropMLP.to_sequential`, same weights), backpropagates the same loss
+through both and prints, per layer, the largest absolute and relative error of ∂W^(l), ∂b^(l) and
+∂x (:func:`torch_backprop.testing.compare_gradients`), then ``torch.autograd.gradcheck``'s verdict
+on the manual backward in float64. Exits 1 on any mismatch.
+
+``--show-deltas`` adds the norm of each δ^(l) = ∂Q/∂z^(l), the slides' intermediate variable
+(slides 8-10): read from the manual recursion itself (:func:`torch_backprop.function.deltas`) and,
+independently, from autograd on the twin's pre-activations, so vanishing or exploding gradients
+show at a glance and the two columns check each other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .activations import available_activations
+from .function import Tape, backward_phase, deltas
+from .functional import mlp
+from .module import BackpropMLP
+from .testing import assert_gradients_match, compare_gradients
+
+__all__ = ["add_arguments", "delta_norms", "run"]
+
+_DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16}
+_GRADCHECK_FULL_LIMIT = 2000  # parameters + inputs up to which gradcheck builds the full Jacobian
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        sizes = [int(part) for part in text.replace(" ", "").split(",") if part]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated sizes such as 784,256,10, got {text!r}"
+        ) from None
+    if len(sizes) < 2 or any(n <= 0 for n in sizes):
+        raise argparse.ArgumentTypeError(f"expected at least two positive sizes (in, out), got {text!r}")
+    return sizes
+
+
+def _activation_list(text: str) -> list[str]:
+    names = [part for part in text.replace(" ", "").split(",") if part]
+    unknown = [n for n in names if n not in available_activations()]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown activation {', '.join(unknown) or text!r}; "
+            f"expected one of: {', '.join(available_activations())}"
+        )
+    return names
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``verify`` options to ``parser``."""
+    parser.add_argument(
+        "--sizes",
+        type=_int_list,
+        default=[784, 256, 10],
+        metavar="N0,N1,...,NL",
+        help="layer widths, input first (default: 784,256,10)",
+    )
+    parser.add_argument(
+        "--activation",
+        type=_activation_list,
+        default=["relu"],
+        metavar="NAME[,NAME...]",
+        help="hidden activation, or one per hidden layer (default: relu); "
+        f"one of: {', '.join(available_activations())}",
+    )
+    parser.add_argument(
+        "--output-activation",
+        default="identity",
+        choices=available_activations(),
+        help="activation of the last layer (default: identity)",
+    )
+    parser.add_argument("--no-bias", action="store_true", help="layers without bias")
+    parser.add_argument("--dtype", choices=list(_DTYPES), default="float64", help="(default: float64)")
+    parser.add_argument("--batch-size", type=int, default=16, help="rows of random input (default: 16)")
+    parser.add_argument("--seed", type=int, default=0, help="(default: 0)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu", help="(default: cpu)")
+    parser.add_argument("--rtol", type=float, default=None, help="default: torch.testing's for the dtype")
+    parser.add_argument("--atol", type=float, default=None, help="default: torch.testing's for the dtype")
+    parser.add_argument("--no-gradcheck", action="store_true", help="skip torch.autograd.gradcheck")
+    parser.add_argument("--show-deltas", action="store_true", help="print the norm of each δ^(l) per layer")
+
+
+def _random_projection(seed: int) -> Callable[[Tensor], Tensor]:
+    """Q(h^(L)) = Σ h^(L) ⊙ R with R fixed and random, so every entry of every gradient is exercised."""
+
+    def loss(output: Tensor) -> Tensor:
+        generator = torch.Generator().manual_seed(seed)
+        weights = torch.randn(output.shape, generator=generator, dtype=torch.float64)
+        return (output * weights.to(output.device, output.dtype)).sum()
+
+    return loss
+
+
+def delta_norms(
+    model: BackpropMLP, x: Tensor, loss_fn: Callable[[Tensor], Tensor]
+) -> tuple[list[Tensor], list[Tensor]]:
+    """δ^(1), ..., δ^(L) from the manual recursion and from autograd on the twin's pre-activations.
+
+    Args:
+        model: the stack (dropout is not applied: the model is evaluated deterministically).
+        x: input, ``(N, n_0)``.
+        loss_fn: Q as a function of the output.
+
+    Returns:
+        ``(manual, native)``: two lists of L tensors, ``δ^(l)`` of shape ``(N, n_l)``, l = 1..L.
+    """
+    depth = len(model.layers)
+    manual: list[Tensor | None] = [None] * depth
+
+    def recording_phase(tape: Tape, **needs: Any) -> Any:
+        for k, delta in deltas(tape):
+            manual[k] = delta.detach().clone()  # δ^(k+1)
+        return backward_phase(tape, **needs)
+
+    x_manual = x.detach().clone().requires_grad_()
+    weights = [layer.weight for layer in model.layers]
+    biases = [layer.bias for layer in model.layers]
+    output = mlp(x_manual, weights, biases, list(model.activations), backward_phase=recording_phase)
+    loss_fn(output).backward()
+
+    twin = model.to_sequential().eval()
+    pre_activations: list[Tensor] = []
+
+    def keep(module: nn.Module, inputs: Any, z: Tensor) -> None:
+        z.retain_grad()
+        pre_activations.append(z)
+
+    handles = [m.register_forward_hook(keep) for m in twin if isinstance(m, nn.Linear)]
+    x_native = x.detach().clone().requires_grad_()
+    loss_fn(twin(x_native)).backward()
+    for handle in handles:
+        handle.remove()
+    native = [z.grad for z in pre_activations]
+    model.zero_grad(set_to_none=True)
+    return [d for d in manual if d is not None], native
+
+
+def _gradcheck(model: BackpropMLP, x: Tensor) -> tuple[bool, str]:
+    """``torch.autograd.gradcheck`` of the manual backward in float64 (fast mode for large stacks)."""
+    params64 = [layer.weight.detach().double().requires_grad_() for layer in model.layers]
+    has_bias = model.layers[0].bias is not None
+    if has_bias:
+        params64 += [layer.bias.detach().double().requires_grad_() for layer in model.layers]
+    depth = len(model.layers)
+    x64 = x.detach().double().requires_grad_()
+    activations = list(model.activations)
+
+    def stack(x: Tensor, *params: Tensor) -> Tensor:
+        return mlp(x, params[:depth], params[depth:] if has_bias else None, activations)
+
+    count = x64.numel() + sum(p.numel() for p in params64)
+    fast = count > _GRADCHECK_FULL_LIMIT
+    ok = torch.autograd.gradcheck(
+        stack, (x64, *params64), eps=1e-6, atol=1e-5, rtol=1e-3, fast_mode=fast, raise_exception=False
+    )
+    how = "fast mode (random projections)" if fast else "full Jacobian"
+    return ok, f"gradcheck (float64, {how}, {count} inputs)"
+
+
+def _label(name: str, depth: int) -> str:
+    if name == "output":
+        return "h^(L) (output)"
+    if name.startswith("input"):
+        return "∂x"
+    _, index, kind = name.split(".")
+    return f"∂{'W' if kind == 'weight' else 'b'}^({index})"
+
+
+def _table(rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = []
+    for n, row in enumerate(rows):
+        cells = [cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))]
+        lines.append("  ".join(cells).rstrip())
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the ``verify`` command; returns 0 when everything matches, 1 otherwise."""
+    if args.batch_size <= 0:
+        print(f"torch-backprop verify: --batch-size must be positive, got {args.batch_size}", file=sys.stderr)
+        return 2
+    hidden_count = len(args.sizes) - 2
+    activation = args.activation if len(args.activation) > 1 else args.activation[0]
+    if isinstance(activation, list) and len(activation) != hidden_count:
+        print(
+            f"torch-backprop verify: --activation lists {len(activation)} names for {hidden_count} hidden "
+            "layers",
+            file=sys.stderr,
+        )
+        return 2
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print(
+            "torch-backprop verify: --device cuda was asked for, but CUDA is not available", file=sys.stderr
+        )
+        return 2
+    device = torch.device(
+        "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
+    )
+    dtype = _DTYPES[args.dtype]
+
+    torch.manual_seed(args.seed)
+    model = BackpropMLP(
+        args.sizes,
+        activation=activation,
+        output_activation=args.output_activation,
+        bias=not args.no_bias,
+        device=device,
+        dtype=dtype,
+    )
+    x = torch.randn(args.batch_size, args.sizes[0], device=device, dtype=dtype, requires_grad=True)
+    loss_fn = _random_projection(args.seed)
+    print(
+        f"verify: BackpropMLP {args.sizes}, activations {list(model.activations)}, "
+        f"{'no bias' if args.no_bias else 'bias'}, {args.dtype} on {device}, batch {args.batch_size}; "
+        "reference: native autograd on model.to_sequential()"
+    )
+
+    errors = compare_gradients(model, model.to_sequential(), x, loss_fn=loss_fn)
+    rows = [["tensor", "shape", "max abs err", "max rel err"]]
+    rows += [
+        [_label(e.name, len(model.layers)), str(tuple(e.shape)), f"{e.max_abs:.3e}", f"{e.max_rel:.3e}"]
+        for e in errors
+    ]
+    print(_table(rows))
+    failures = []
+    try:
+        assert_gradients_match(
+            model, model.to_sequential(), x, loss_fn=loss_fn, rtol=args.rtol, atol=args.atol
+        )
+        print("gradients: match native autograd")
+    except AssertionError as error:
+        first = str(error).splitlines()[0]
+        print(f"gradients: MISMATCH: {first}")
+        failures.append("gradients")
+
+    if args.show_deltas:
+        manual, native = delta_norms(model, x, loss_fn)
+        rows = [["δ^(l)", "shape", "‖δ‖ manual", "‖δ‖ autograd", "mean per-sample ‖δ‖", "max abs diff"]]
+        for k, (m, n) in enumerate(zip(manual, native), start=1):
+            rows.append(
+                [
+                    f"δ^({k})",
+                    str(tuple(m.shape)),
+                    f"{m.norm().item():.4e}",
+                    f"{n.norm().item():.4e}",
+                    f"{m.norm(dim=1).mean().item():.4e}",
+                    f"{(m - n).abs().max().item():.3e}",
+                ]
+            )
+        print(_table(rows))
+        rtol, atol = args.rtol, args.atol
+        if rtol is None or atol is None:
+            rtol, atol = (1e-7, 1e-7) if dtype == torch.float64 else (1.3e-6, 1e-5)
+            if dtype == torch.bfloat16:
+                rtol, atol = 1.6e-2, 1e-5
+        if not all(torch.allclose(m, n, rtol=rtol, atol=atol) for m, n in zip(manual, native)):
+            print("deltas: MISMATCH between the manual recursion and autograd")
+            failures.append("deltas")
+
+    if not args.no_gradcheck:
+        ok, what = _gradcheck(model, x)
+        print(f"{what}: {'passed' if ok else 'FAILED'}")
+        if not ok:
+            failures.append("gradcheck")
+
+    if failures:
+        print(f"verify: FAILED ({', '.join(failures)})")
+        return 1
+    print("verify: OK")
+    return 0
