@@ -280,7 +280,7 @@ def _leaky_relu(negative_slope: float = 0.01) -> Activation:
     return Activation(
         "leaky_relu",
         lambda z: F.leaky_relu(z, slope),
-        lambda s: torch.where(s > 0, 1.0, slope).to(s.dtype),
+        lambda s: torch.where(s > 0, s.new_ones(()), s.new_full((), slope)),
         "h" if from_output else "z",
         fused=lambda grad, s: aten.leaky_relu_backward(grad, s, slope, from_output),
         inplace=lambda z: F.leaky_relu_(z, slope),

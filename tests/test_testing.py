@@ -1,0 +1,50 @@
+"""The public checking helpers: compare_gradients and assert_gradients_match."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from torch_backprop import BackpropMLP
+from torch_backprop.testing import assert_gradients_match, compare_gradients
+
+
+def test_compare_gradients_reports_every_tensor():
+    model = BackpropMLP([4, 5, 2], dtype=torch.float64)
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    rows = compare_gradients(model, model.to_sequential(), x)
+    assert [r.name for r in rows] == [
+        "output",
+        "input[0]",
+        "layers.0.weight",
+        "layers.0.bias",
+        "layers.1.weight",
+        "layers.1.bias",
+    ]
+    assert all(r.max_abs < 1e-12 and r.max_rel < 1e-12 for r in rows)
+    assert rows[2].shape == (5, 4)
+
+
+def test_compare_gradients_measures_a_known_difference():
+    model = BackpropMLP([4, 2], "identity", dtype=torch.float64)
+    reference = model.to_sequential()
+    with torch.no_grad():
+        reference[0].bias += 0.5  # output off by exactly 0.5; gradients unchanged
+    rows = {r.name: r for r in compare_gradients(model, reference, torch.randn(3, 4, dtype=torch.float64))}
+    assert rows["output"].max_abs == pytest.approx(0.5)
+    assert rows["layers.0.weight"].max_abs == 0
+
+
+def test_assert_gradients_match_passes_and_fails_with_a_table():
+    model = BackpropMLP([4, 5, 2], "tanh")
+    x = torch.randn(3, 4)
+    assert_gradients_match(model, model.to_sequential(), x)
+    wrong = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2))  # other weights
+    with pytest.raises(AssertionError, match=r"(?s)mismatched: output.*layers.0.weight.*max abs err"):
+        assert_gradients_match(model, wrong, x)
+
+
+def test_parameter_count_mismatch_is_an_error():
+    with pytest.raises(ValueError, match="4 trainable parameters but reference has 2"):
+        compare_gradients(BackpropMLP([4, 5, 2]), nn.Linear(4, 2), torch.randn(3, 4))
