@@ -1,0 +1,830 @@
+"""``torch-backprop bench``: one training step of BackpropMLP against native autograd and its floor.
+
+The benchmark of issue 4. For each case of a grid (widths, batch, activation, dtype) it times one
+training step (zero the gradients, forward, loss, backward) of five contenders, interleaved and
+repeated because shared machines are noisy:
+
+    manual     BackpropMLP, whose backward is the slides' δ recursion (slides 8-10)
+    native     its twin ``nn.Sequential`` (``BackpropMLP.to_sequential``) under plain autograd
+    compiled   the twin under ``torch.compile`` (compiled and warmed up first; compile time excluded)
+    floor      the matrix multiplies alone that any exact backprop does: per layer the forward
+               product h^(l) W^(l), the weight-gradient product h^(l)ᵀ δ^(l+1) (BP3) and, except for the
+               first layer, the input-gradient product δ^(l+1) W^(l)ᵀ (BP2)
+    recompute  BackpropMLP(recompute=True), which keeps only its input and reruns the forward in backward
+
+Times come from ``torch.utils.benchmark.Timer.blocked_autorange`` (the median of its blocks); each
+round measures every contender once, in a rotated order, and a case reports the median of its
+rounds' medians. Memory is the bytes the forward saves for backward, counted with
+``torch.autograd.graph.saved_tensors_hooks`` over unique storages, and on CUDA the peak of
+``torch.cuda.max_memory_allocated`` during one step.
+
+The loss is cross-entropy for classification-shaped outputs (width > 1) and mean squared error for
+width-1 outputs. Further sections (issue 5's per-sample benchmark) plug in through
+:data:`EXTRA_SECTIONS` and reuse :func:`interleaved_medians`, :func:`saved_bytes` and the writers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import importlib
+import importlib.util
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils import benchmark
+
+from .module import BackpropMLP
+
+__all__ = [
+    "CONTENDERS",
+    "DEFAULT_SHAPES",
+    "EXTRA_SECTIONS",
+    "QUICK_SHAPES",
+    "Case",
+    "Section",
+    "Settings",
+    "add_arguments",
+    "format_table",
+    "interleaved_medians",
+    "machine_info",
+    "matmul_floor",
+    "parse_cases",
+    "plot_ratios",
+    "run",
+    "run_benchmark",
+    "saved_bytes",
+    "write_atomic",
+    "write_json",
+]
+
+CONTENDERS = ("manual", "native", "compiled", "floor", "recompute")
+
+# (numerator, denominator) of each reported ratio; all are step-time ratios.
+RATIOS = {
+    "manual/native": ("manual", "native"),
+    "manual/compiled": ("manual", "compiled"),
+    "floor/manual": ("floor", "manual"),
+    "recompute/manual": ("recompute", "manual"),
+}
+
+# The grid of issue 4: (widths, batch).
+DEFAULT_SHAPES: tuple[tuple[tuple[int, ...], int], ...] = (
+    ((784, 256, 10), 64),
+    ((784, 256, 10), 512),
+    ((784, 512, 512, 10), 256),
+    ((1024, 1024, 1024, 1024), 1024),
+    ((32, 64, 64, 64, 64, 1), 128),
+    ((8, 16, 16, 1), 32),
+)
+QUICK_SHAPES: tuple[tuple[tuple[int, ...], int], ...] = (
+    ((8, 16, 16, 1), 32),
+    ((32, 64, 64, 64, 64, 1), 128),
+)
+DEFAULT_ACTIVATIONS = ("relu", "tanh", "gelu")
+# On CUDA the grid also runs at this many times each batch ("larger batches").
+CUDA_BATCH_FACTOR = 8
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmark case: a BackpropMLP of ``sizes`` with hidden ``activation``, a batch, a dtype."""
+
+    sizes: tuple[int, ...]
+    batch: int
+    activation: str = "relu"
+    dtype: str = "float32"
+
+    @property
+    def shape_name(self) -> str:
+        """``"784-256-10@64"``."""
+        return f"{'-'.join(map(str, self.sizes))}@{self.batch}"
+
+    @property
+    def name(self) -> str:
+        """``"784-256-10@64 relu float32"``."""
+        return f"{self.shape_name} {self.activation} {self.dtype}"
+
+    @property
+    def loss(self) -> str:
+        """``"mse"`` for width-1 outputs, ``"cross_entropy"`` otherwise."""
+        return "mse" if self.sizes[-1] == 1 else "cross_entropy"
+
+
+@dataclass
+class Settings:
+    """What to run and how long to measure.
+
+    Attributes:
+        shapes: ``(sizes, batch)`` pairs; crossed with ``activations`` and ``dtypes``.
+        activations: hidden activations, by registry name.
+        dtypes: ``"float32"``, ``"bfloat16"`` or ``"float16"``.
+        device: ``"cpu"`` or ``"cuda"`` (``"cuda:1"``, ...).
+        threads: intra-op threads for every measurement.
+        rounds: measurements of each contender per case; the case reports their median.
+        min_run_time: seconds per ``blocked_autorange`` measurement.
+        compile: time the ``torch.compile`` contender.
+        larger_batches: on CUDA, also run each shape at ``CUDA_BATCH_FACTOR`` times its batch.
+        seed: seed of the parameters and data.
+    """
+
+    shapes: Sequence[tuple[tuple[int, ...], int]] = DEFAULT_SHAPES
+    activations: Sequence[str] = DEFAULT_ACTIVATIONS
+    dtypes: Sequence[str] = ("float32",)
+    device: str = "cpu"
+    threads: int = field(default_factory=torch.get_num_threads)
+    rounds: int = 5
+    min_run_time: float = 0.2
+    compile: bool = True
+    larger_batches: bool = True
+    seed: int = 0
+
+    def cases(self) -> list[Case]:
+        """The grid, shape-major (so a shape's activations run back to back)."""
+        shapes = list(self.shapes)
+        if self.larger_batches and torch.device(self.device).type == "cuda":
+            shapes += [(sizes, batch * CUDA_BATCH_FACTOR) for sizes, batch in self.shapes]
+        return [
+            Case(tuple(sizes), batch, activation, dtype)
+            for sizes, batch in shapes
+            for dtype in self.dtypes
+            for activation in self.activations
+        ]
+
+
+@dataclass
+class Section:
+    """A further part of the report, produced by a module listed in :data:`EXTRA_SECTIONS`.
+
+    Attributes:
+        title: heading printed above ``table``.
+        table: markdown, printed on stdout.
+        data: JSON-serialisable results, stored under ``report["sections"][name]``.
+    """
+
+    title: str
+    table: str
+    data: dict[str, Any]
+
+
+# name -> module defining ``run_section(settings: Settings, log: Callable[[str], None]) -> Section``;
+# imported only when chosen (``--section NAME``). Issue 5's per-sample / DP-SGD benchmark goes here.
+EXTRA_SECTIONS = {"per-sample": "torch_backprop.bench_per_sample"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Measuring
+
+
+def saved_bytes(forward: Callable[[], Any], exclude: Iterable[Tensor] = ()) -> int:
+    """Bytes of the unique storages that ``forward()`` saves for backward.
+
+    Every tensor autograd saves (``save_for_backward`` in custom Functions included) passes through
+    ``torch.autograd.graph.saved_tensors_hooks``; tensors sharing a storage (views, a ReLU output
+    saved by the ReLU and by the next Linear) count once, at their storage's full size.
+
+    Args:
+        forward: runs the forward pass (with grad enabled); its result is discarded.
+        exclude: tensors whose storages are not counted (e.g. the parameters, to count only
+            activations).
+
+    Returns:
+        The total ``untyped_storage().nbytes()`` over distinct storages.
+    """
+    excluded = {t.untyped_storage().data_ptr() for t in exclude}
+    storages: dict[int, int] = {}
+
+    def pack(tensor: Tensor) -> Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in excluded:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        result = forward()
+    del result
+    return sum(storages.values())
+
+
+def interleaved_medians(
+    steps: dict[str, Callable[[], Any]],
+    *,
+    rounds: int,
+    min_run_time: float,
+    threads: int,
+    label: str = "",
+) -> dict[str, dict[str, Any]]:
+    """Median step time of each contender, measured interleaved over ``rounds`` rounds.
+
+    Each round measures every contender once with ``Timer.blocked_autorange`` (which synchronises
+    CUDA), starting one contender later than the previous round, so that drift in the machine's
+    speed spreads over all of them.
+
+    Args:
+        steps: name -> a callable running one step.
+        rounds: number of rounds.
+        min_run_time: seconds per measurement.
+        threads: intra-op threads during the measurements.
+        label: the Timer's label (shown in its repr only).
+
+    Returns:
+        name -> ``{"median_s": median of the round medians, "rounds_s": [round medians]}``.
+    """
+    names = list(steps)
+    timers = {
+        name: benchmark.Timer(
+            stmt="step()", globals={"step": step}, num_threads=threads, label=label, description=name
+        )
+        for name, step in steps.items()
+    }
+    per_round: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            per_round[name].append(timers[name].blocked_autorange(min_run_time=min_run_time).median)
+    return {name: {"median_s": statistics.median(t), "rounds_s": t} for name, t in per_round.items()}
+
+
+def matmul_floor(
+    sizes: Sequence[int], batch: int, dtype: torch.dtype, device: torch.device | str
+) -> Callable[[], None]:
+    """One step's matrix multiplies alone, on tensors of the step's shapes (drawn here).
+
+    Per layer l: the forward product h^(l) W^(l), the weight gradient h^(l)ᵀ δ^(l+1) (BP3) and,
+    for l > 0, the input gradient δ^(l+1) W^(l)ᵀ (BP2), in nn.Linear's layout.
+    """
+    factory: dict[str, Any] = {"dtype": dtype, "device": device}
+    weights = [torch.randn(n_out, n_in, **factory) for n_in, n_out in zip(sizes[:-1], sizes[1:])]
+    h = [torch.randn(batch, n, **factory) for n in sizes[:-1]]
+    delta = [torch.randn(batch, n, **factory) for n in sizes[1:]]
+
+    def step() -> None:
+        for k, weight in enumerate(weights):
+            h[k].mm(weight.t())  # z^(k+1), (N, n_{k+1})
+            delta[k].t().mm(h[k])  # BP3, (n_{k+1}, n_k)
+            if k > 0:
+                delta[k].mm(weight)  # BP2, (N, n_k)
+
+    return step
+
+
+def _training_step(
+    model: Callable[[Tensor], Tensor], parameters: Sequence[Tensor], x: Tensor, target: Tensor, loss: str
+) -> Callable[[], None]:
+    loss_fn = F.mse_loss if loss == "mse" else F.cross_entropy
+
+    def step() -> None:
+        for p in parameters:
+            p.grad = None
+        loss_fn(model(x), target).backward()
+
+    return step
+
+
+def _peak_bytes(step: Callable[[], None], device: torch.device) -> int:
+    """Peak CUDA memory above the resting level during one ``step()``."""
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    resting = torch.cuda.memory_allocated(device)
+    step()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - resting
+
+
+@contextlib.contextmanager
+def _threads(count: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _ratio(numerator: float | None, denominator: float | None) -> float | None:
+    if numerator is None or denominator is None or denominator <= 0:
+        return None
+    return numerator / denominator
+
+
+def measure_case(
+    case: Case, settings: Settings, log: Callable[[str], None] = lambda _: None
+) -> dict[str, Any]:
+    """Time, and count the saved bytes of, the five contenders on one case.
+
+    Returns:
+        The case's JSON record: shape, medians, per-round medians, ratios and memory.
+    """
+    device = torch.device(settings.device)
+    dtype = _DTYPES[case.dtype]
+    torch.manual_seed(settings.seed)
+    manual = BackpropMLP(case.sizes, activation=case.activation, device=device, dtype=dtype)
+    recompute = copy.deepcopy(manual)
+    recompute.recompute = True
+    native = manual.to_sequential()
+    x = torch.randn(case.batch, case.sizes[0], device=device, dtype=dtype)
+    if case.loss == "mse":
+        target = torch.randn(case.batch, 1, device=device, dtype=dtype)
+    else:
+        target = torch.randint(case.sizes[-1], (case.batch,), device=device)
+
+    steps: dict[str, Callable[[], None]] = {
+        "manual": _training_step(manual, list(manual.parameters()), x, target, case.loss),
+        "native": _training_step(native, list(native.parameters()), x, target, case.loss),
+        "floor": matmul_floor(case.sizes, case.batch, dtype, device),
+        "recompute": _training_step(recompute, list(recompute.parameters()), x, target, case.loss),
+    }
+    compile_s, compile_error = None, None
+    if settings.compile:
+        # A fresh dynamo cache per case: every nn.Sequential shares one forward code object, whose
+        # recompile limit the grid would otherwise exhaust (falling back to eager, silently).
+        torch._dynamo.reset()
+        twin = manual.to_sequential()
+        compiled = torch.compile(twin, dynamic=False)
+        step = _training_step(compiled, list(twin.parameters()), x, target, case.loss)
+        start = time.perf_counter()
+        try:
+            for _ in range(3):
+                step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            compile_s = time.perf_counter() - start
+            steps["compiled"] = step
+        except Exception as error:  # noqa: BLE001 - any backend failure leaves the contender out
+            compile_error = f"{type(error).__name__}: {error}".splitlines()[0][:300]
+            log(f"  torch.compile failed, leaving it out: {compile_error}")
+    for step in steps.values():  # warm-up (allocator, thread pool, lazy init)
+        for _ in range(2):
+            step()
+
+    order = [name for name in CONTENDERS if name in steps]
+    timed = interleaved_medians(
+        {name: steps[name] for name in order},
+        rounds=settings.rounds,
+        min_run_time=settings.min_run_time,
+        threads=settings.threads,
+        label=case.name,
+    )
+    medians = {name: timed[name]["median_s"] if name in timed else None for name in CONTENDERS}
+    ratios = {key: _ratio(medians[a], medians[b]) for key, (a, b) in RATIOS.items()}
+
+    models = {"manual": manual, "native": native, "recompute": recompute}
+    saved = {name: saved_bytes(lambda m=m: m(x)) for name, m in models.items()}
+    saved_activations = {
+        name: saved_bytes(lambda m=m: m(x), exclude=m.parameters()) for name, m in models.items()
+    }
+    peak = None
+    if device.type == "cuda":
+        peak = {name: _peak_bytes(steps[name], device) for name in ("manual", "native", "recompute")}
+        if "compiled" in steps:
+            peak["compiled"] = _peak_bytes(steps["compiled"], device)
+    return {
+        "name": case.name,
+        "sizes": list(case.sizes),
+        "batch": case.batch,
+        "activation": case.activation,
+        "dtype": case.dtype,
+        "loss": case.loss,
+        "median_s": medians,
+        "rounds_s": {name: timed[name]["rounds_s"] for name in order},
+        "ratios": ratios,
+        "input_bytes": x.numel() * x.element_size(),
+        "saved_bytes": saved,
+        "saved_activation_bytes": saved_activations,
+        "peak_bytes": peak,
+        "compile_s": compile_s,
+        "compile_error": compile_error,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# The report
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: str, threads: int) -> dict[str, Any]:
+    """Where the numbers come from: CPU, threads, accelerator, torch and Python versions."""
+    info: dict[str, Any] = {
+        "cpu": _cpu_model(),
+        "threads": threads,
+        "device": device,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+    with contextlib.suppress(OSError, AttributeError):
+        # Other processes compete for the cores: a load well above 0 at the start means noisy numbers.
+        info["load_average"] = list(os.getloadavg())
+    if torch.device(device).type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return info
+
+
+def _targets(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Issue 4's targets, each with its measured value and whether it is met."""
+    targets: list[dict[str, Any]] = []
+
+    def add(name: str, value: float | None, bound: float, at_most: bool) -> None:
+        met = None if value is None else (value <= bound if at_most else value >= bound)
+        targets.append({"target": name, "value": value, "bound": bound, "met": met})
+
+    def values(key: str) -> list[float]:
+        return [c["ratios"][key] for c in cases if c["ratios"][key] is not None]
+
+    manual_native, manual_compiled, recompute_manual = (
+        values("manual/native"),
+        values("manual/compiled"),
+        values("recompute/manual"),
+    )
+    add("manual/native, median of the grid", _median(manual_native), 0.95, True)
+    add("manual/native, every case (max)", max(manual_native, default=None), 1.00, True)
+    add("manual/compiled, median of the grid", _median(manual_compiled), 1.00, True)
+    for c in cases:
+        if c["sizes"] == [1024, 1024, 1024, 1024]:
+            add(f"floor/manual on {c['name']}", c["ratios"]["floor/manual"], 0.93, False)
+    saved = [c["saved_activation_bytes"]["manual"] / c["saved_activation_bytes"]["native"] for c in cases]
+    add("saved activation bytes manual/native, every case (max)", max(saved, default=None), 1.00, True)
+    # Parameter references included: they hold no extra memory (the parameters live anyway), but
+    # show when the manual Function keeps parameters that native autograd does not need.
+    saved = [c["saved_bytes"]["manual"] / c["saved_bytes"]["native"] for c in cases]
+    add("saved bytes incl. parameter references manual/native (max)", max(saved, default=None), 1.00, True)
+    inputs = [c["saved_activation_bytes"]["recompute"] / c["input_bytes"] for c in cases]
+    add("recompute saved activation bytes / input bytes (max)", max(inputs, default=None), 1.00, True)
+    add("recompute/manual step time, every case (max)", max(recompute_manual, default=None), 1.40, True)
+    return targets
+
+
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def run_benchmark(
+    settings: Settings,
+    log: Callable[[str], None] = lambda _: None,
+    sections: Sequence[str] = (),
+    grid: bool = True,
+) -> dict[str, Any]:
+    """Run the grid (and any further sections) and return the report (JSON-serialisable).
+
+    Args:
+        settings: what to run.
+        log: receives one line of progress per case.
+        sections: names from :data:`EXTRA_SECTIONS` to run after the grid.
+        grid: run the grid of cases.
+
+    Returns:
+        ``{"machine", "settings", "cases", "summary", "sections"}``; ``summary`` holds the grid
+        medians of each ratio and issue 4's targets.
+    """
+    machine = machine_info(settings.device, settings.threads)
+    cases: list[dict[str, Any]] = []
+    section_results: dict[str, Any] = {}
+    with _threads(settings.threads):
+        if grid:
+            grid_cases = settings.cases()
+            for i, case in enumerate(grid_cases, 1):
+                log(f"[{i}/{len(grid_cases)}] {case.name}")
+                cases.append(measure_case(case, settings, log))
+        for name in sections:
+            module = importlib.import_module(EXTRA_SECTIONS[name])
+            section = module.run_section(settings, log)
+            section_results[name] = {"title": section.title, "table": section.table, "data": section.data}
+    with contextlib.suppress(OSError, AttributeError):
+        machine["load_average_end"] = list(os.getloadavg())
+    summary = {
+        "median_ratios": {
+            key: _median([c["ratios"][key] for c in cases if c["ratios"][key] is not None]) for key in RATIOS
+        },
+        "targets": _targets(cases) if cases else [],
+    }
+    return {
+        "machine": machine,
+        "settings": {
+            "shapes": [[list(sizes), batch] for sizes, batch in settings.shapes],
+            "activations": list(settings.activations),
+            "dtypes": list(settings.dtypes),
+            "device": settings.device,
+            "threads": settings.threads,
+            "rounds": settings.rounds,
+            "min_run_time": settings.min_run_time,
+            "compile": settings.compile,
+            "larger_batches": settings.larger_batches,
+            "seed": settings.seed,
+        },
+        "cases": cases,
+        "summary": summary,
+        "sections": section_results,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+
+
+def _ms(seconds: float | None) -> str:
+    return "–" if seconds is None else f"{seconds * 1e3:.3g}"
+
+
+def _x(ratio: float | None) -> str:
+    return "–" if ratio is None else f"{ratio:.3f}"
+
+
+def _bytes(count: int | None) -> str:
+    if count is None:
+        return "–"
+    for unit, size in (("MiB", 2**20), ("KiB", 2**10)):
+        if count >= size:
+            return f"{count / size:.3g} {unit}"
+    return f"{count} B"
+
+
+TABLE_COLUMNS = (
+    "case",
+    "manual ms",
+    "native ms",
+    "compiled ms",
+    "floor ms",
+    "recompute ms",
+    *RATIOS,
+    "saved manual",
+    "saved native",
+    "saved recompute",
+)
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The report as markdown: one row per case, a median row, then the targets and sections.
+
+    Times are medians in milliseconds; "saved" is bytes saved for backward, activations only
+    (parameters, saved alike by every contender, excluded); peak CUDA memory follows when measured.
+    """
+    cuda = any(c["peak_bytes"] for c in report["cases"])
+    columns = list(TABLE_COLUMNS) + (["peak manual", "peak native", "peak compiled"] if cuda else [])
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join(["---"] + ["---:"] * (len(columns) - 1)) + "|"]
+    for c in report["cases"]:
+        t, saved = c["median_s"], c["saved_activation_bytes"]
+        row = [c["name"], *(_ms(t[name]) for name in ("manual", "native", "compiled", "floor", "recompute"))]
+        row += [_x(c["ratios"][key]) for key in RATIOS]
+        row += [_bytes(saved["manual"]), _bytes(saved["native"]), _bytes(saved["recompute"])]
+        if cuda:
+            peak = c["peak_bytes"] or {}
+            row += [_bytes(peak.get(name)) for name in ("manual", "native", "compiled")]
+        lines.append("| " + " | ".join(row) + " |")
+    if report["cases"]:
+        medians = report["summary"]["median_ratios"]
+        row = ["**median**", *[""] * 5, *(_x(medians[key]) for key in RATIOS), *[""] * (len(columns) - 10)]
+        lines.append("| " + " | ".join(row) + " |")
+        lines += ["", "| target | measured | bound | met |", "|---|---:|---:|---|"]
+        for target in report["summary"]["targets"]:
+            met = {True: "yes", False: "**no**", None: "–"}[target["met"]]
+            lines.append(f"| {target['target']} | {_x(target['value'])} | {target['bound']:.2f} | {met} |")
+    for section in report["sections"].values():
+        lines += ["", f"### {section['title']}", "", section["table"]]
+    return "\n".join(lines)
+
+
+def write_atomic(path: str | os.PathLike[str], write: Callable[[str], None]) -> None:
+    """Call ``write(temporary_path)`` beside ``path``, then move the result onto ``path`` atomically.
+
+    A reader never sees a half-written file; on failure the temporary file is removed.
+    """
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    suffix = os.path.splitext(path)[1]
+    handle, temporary = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=suffix)
+    os.close(handle)
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(temporary)
+        raise
+
+
+def write_json(report: dict[str, Any], path: str | os.PathLike[str]) -> None:
+    """Write ``report`` as indented JSON, atomically."""
+
+    def write(temporary: str) -> None:
+        with open(temporary, "w", encoding="utf-8") as file:
+            json.dump(report, file, indent=2, allow_nan=False)
+            file.write("\n")
+
+    write_atomic(path, write)
+
+
+def plot_ratios(report: dict[str, Any], path: str | os.PathLike[str]) -> None:
+    """Bar chart of the four ratios per case (1.0 marked), saved atomically as an image.
+
+    Raises:
+        ImportError: matplotlib is not installed (``pip install torch-backprop[plot]``).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = report["cases"]
+    keys = [key for key in RATIOS if any(c["ratios"][key] is not None for c in cases)]
+    width = 0.8 / max(len(keys), 1)
+    figure, axes = plt.subplots(figsize=(max(8.0, 0.55 * len(cases) + 2), 4.8))
+    for i, key in enumerate(keys):
+        heights = [c["ratios"][key] if c["ratios"][key] is not None else math.nan for c in cases]
+        positions = [j + (i - (len(keys) - 1) / 2) * width for j in range(len(cases))]
+        axes.bar(positions, heights, width, label=key)
+    axes.axhline(1.0, color="black", linewidth=0.8)
+    axes.set_xticks(range(len(cases)))
+    axes.set_xticklabels(
+        [c["name"].replace(" float32", "") for c in cases], rotation=60, ha="right", fontsize=8
+    )
+    axes.set_ylabel("step-time ratio")
+    machine = report["machine"]
+    axes.set_title(
+        f"torch_backprop step-time ratios ({machine['device']}, {machine['threads']} threads, "
+        f"torch {machine['torch']})",
+        fontsize=10,
+    )
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    write_atomic(path, lambda temporary: figure.savefig(temporary, dpi=120, format="png"))
+    plt.close(figure)
+
+
+# ---------------------------------------------------------------------------------------------
+# The command
+
+
+def parse_cases(text: str) -> list[tuple[tuple[int, ...], int]]:
+    """``"784-256-10@64,8-16-16-1@32"`` -> ``[((784, 256, 10), 64), ((8, 16, 16, 1), 32)]``.
+
+    Raises:
+        ValueError: an entry that is not ``W0-W1-...-WL@BATCH`` with positive integers.
+    """
+    shapes = []
+    for entry in filter(None, (part.strip() for part in text.split(","))):
+        try:
+            widths, batch = entry.split("@")
+            sizes = tuple(int(n) for n in widths.split("-"))
+            shape = (sizes, int(batch))
+        except ValueError:
+            raise ValueError(f"a case is WIDTHS@BATCH such as 784-256-10@64, got {entry!r}") from None
+        if len(sizes) < 2 or min(*sizes, shape[1]) <= 0:
+            raise ValueError(
+                "a case needs two or more positive widths and a positive batch, such as "
+                f"784-256-10@64, got {entry!r}"
+            )
+        shapes.append(shape)
+    if not shapes:
+        raise ValueError(f"expected at least one case such as 784-256-10@64, got {text!r}")
+    return shapes
+
+
+def _case_list(text: str) -> list[tuple[tuple[int, ...], int]]:
+    try:
+        return parse_cases(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``bench`` subcommand's options."""
+    parser.add_argument("--cases", type=_case_list, help="grid shapes, e.g. 784-256-10@64,8-16-16-1@32")
+    parser.add_argument("--quick", action="store_true", help="a tiny grid, ReLU only, short measurements")
+    parser.add_argument("--activations", type=_names, help="comma list (default relu,tanh,gelu)")
+    parser.add_argument(
+        "--dtypes",
+        type=_names,
+        help="comma list of float32,bfloat16,float16 (default: float32, "
+        "plus bfloat16 on CUDA devices that support it)",
+    )
+    parser.add_argument("--bf16", action="store_true", help="add bfloat16 to the dtypes (slow on CPU)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    parser.add_argument("--threads", type=int, help="intra-op threads (default: torch's current setting)")
+    parser.add_argument("--rounds", type=int, help="interleaved rounds per case (default 5; 2 with --quick)")
+    parser.add_argument(
+        "--min-run-time", type=float, help="seconds per measurement (default 0.2; 0.05 with --quick)"
+    )
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile contender")
+    parser.add_argument("--no-larger-batches", action="store_true", help="on CUDA, skip the 8x batches")
+    parser.add_argument(
+        "--section",
+        action="append",
+        default=[],
+        choices=sorted(EXTRA_SECTIONS),
+        help="also run this further section (repeatable)",
+    )
+    parser.add_argument("--per-sample", action="store_true", help="same as --section per-sample")
+    parser.add_argument("--no-grid", action="store_true", help="run only the chosen sections")
+    parser.add_argument("--seed", type=int, default=0, help="seed of parameters and data (default 0)")
+    parser.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+    parser.add_argument("--plot", metavar="FILE.png", help="also write a bar chart of the ratios")
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """:class:`Settings` from the parsed options (``--quick`` sets the defaults it changes).
+
+    Raises:
+        ValueError: an unknown dtype, a CUDA device without CUDA, or non-positive counts.
+    """
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device} asked for, but CUDA is not available")
+    dtypes = list(args.dtypes or ["float32"])
+    if args.dtypes is None and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        dtypes.append("bfloat16")
+    if args.bf16 and "bfloat16" not in dtypes:
+        dtypes.append("bfloat16")
+    unknown = [d for d in dtypes if d not in _DTYPES]
+    if unknown:
+        raise ValueError(f"--dtypes takes {', '.join(_DTYPES)}, got {', '.join(unknown)}")
+    rounds = args.rounds if args.rounds is not None else (2 if args.quick else 5)
+    min_run_time = args.min_run_time if args.min_run_time is not None else (0.05 if args.quick else 0.2)
+    threads = args.threads if args.threads is not None else torch.get_num_threads()
+    if rounds < 1 or min_run_time <= 0 or threads < 1:
+        raise ValueError(
+            f"--rounds, --min-run-time and --threads must be positive, got "
+            f"{rounds}, {min_run_time}, {threads}"
+        )
+    shapes = args.cases or (QUICK_SHAPES if args.quick else DEFAULT_SHAPES)
+    activations = args.activations or (["relu"] if args.quick else list(DEFAULT_ACTIVATIONS))
+    return Settings(
+        shapes=shapes,
+        activations=activations,
+        dtypes=dtypes,
+        device=args.device,
+        threads=threads,
+        rounds=rounds,
+        min_run_time=min_run_time,
+        compile=not args.no_compile,
+        larger_batches=not args.no_larger_batches,
+        seed=args.seed,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark; print the markdown table; write ``--json`` / ``--plot`` if asked."""
+    try:
+        settings = settings_from_args(args)
+    except ValueError as error:
+        print(f"torch-backprop bench: {error}", file=sys.stderr)
+        return 2
+    sections = list(dict.fromkeys(args.section + (["per-sample"] if args.per_sample else [])))
+    for name in sections:
+        if importlib.util.find_spec(EXTRA_SECTIONS[name]) is None:
+            print(
+                f"torch-backprop bench: section {name!r} needs {EXTRA_SECTIONS[name]}, which is not "
+                f"installed yet",
+                file=sys.stderr,
+            )
+            return 2
+
+    def log(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    report = run_benchmark(settings, log, sections=sections, grid=not args.no_grid)
+    machine = report["machine"]
+    print(
+        f"torch_backprop bench: {machine['cpu']}, {machine['threads']} threads, {machine['device']}, "
+        f"torch {machine['torch']}; medians of {settings.rounds} interleaved rounds\n"
+    )
+    print(format_table(report))
+    if args.json:
+        write_json(report, args.json)
+    if args.plot:
+        try:
+            plot_ratios(report, args.plot)
+        except ImportError:
+            print(
+                "torch-backprop bench: --plot needs matplotlib (pip install torch-backprop[plot])",
+                file=sys.stderr,
+            )
+            return 1
+    return 0
