@@ -1,0 +1,245 @@
+"""Per-sample clipping inside the one backward against a plain step, Opacus and torch.func.
+
+A step is: zero grads, forward, cross-entropy (mean), backward, SGD step. Every clipped step clips
+each sample's gradient to total norm C (no noise, so only the clipping machinery is timed) and all
+of them start from the same weights and data; the script checks that their clipped gradients agree
+before timing. Each row is measured in ``--rounds`` rounds that interleave the methods (each a
+``torch.utils.benchmark.Timer.timeit`` of several steps); times are medians over rounds, and ratios
+are medians over rounds of the per-round ratio, so that background load shifts all rows alike.
+
+Rows:
+    plain BackpropMLP       the baseline (1.00x)
+    plain nn.Sequential     native autograd on the twin, for context
+    per_sample clipped      ``with per_sample(model, max_grad_norm=C)``: this package
+    Opacus hooks            ``GradSampleModule`` (hooks) + ``DPOptimizer`` (σ = 0): materialises g_b
+    Opacus ghost            ``GradSampleModuleFastGradientClipping`` (ghost clipping, two backwards)
+    torch.func vmap(grad)   per-sample gradients by ``vmap(grad(...))``, then norms, clip, sum
+
+Opacus is optional (``pip install opacus``); its rows are skipped when it is not importable.
+
+Usage::
+
+    python benchmarks/per_sample.py                      # [784,512,512,10], batch 256, float32
+    python benchmarks/per_sample.py --json per_sample.json --min-run-time 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import warnings
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+from torch.utils.benchmark import Timer
+
+from torch_backprop import BackpropMLP, per_sample
+
+Step = Callable[[], None]
+
+
+def clipped_reference(model: nn.Module, x: Tensor, y: Tensor, clip: float) -> list[Tensor]:
+    """Clipped mean gradient from a float64 per-sample loop: the check every method must pass."""
+    twin = model.to_sequential().double()
+    grads = [
+        torch.autograd.grad(
+            F.cross_entropy(twin(x[b : b + 1].double()), y[b : b + 1]), list(twin.parameters())
+        )
+        for b in range(x.shape[0])
+    ]
+    per_param = [torch.stack(g) for g in zip(*grads)]
+    norms = torch.cat([g.flatten(1) for g in per_param], 1).norm(dim=1)
+    factor = (clip / norms).clamp(max=1.0)
+    return [torch.einsum("b,b...->...", factor, g) / x.shape[0] for g in per_param]
+
+
+def plain_step(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Step, list[Tensor]]:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+
+    return step, list(model.parameters())
+
+
+def per_sample_step(model: BackpropMLP, x: Tensor, y: Tensor, clip: float) -> tuple[Step, list[Tensor]]:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with per_sample(model, loss_reduction="mean", max_grad_norm=clip):
+            F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+
+    return step, list(model.parameters())
+
+
+def opacus_hooks_step(model: BackpropMLP, x: Tensor, y: Tensor, clip: float) -> tuple[Step, list[Tensor]]:
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+
+    module = GradSampleModule(model.to_sequential(), loss_reduction="mean")
+    optimizer = DPOptimizer(
+        torch.optim.SGD(module.parameters(), lr=0.0),
+        noise_multiplier=0.0,
+        max_grad_norm=clip,
+        expected_batch_size=x.shape[0],
+        loss_reduction="mean",
+    )
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(module(x), y).backward()
+        optimizer.step()
+
+    return step, list(module.parameters())
+
+
+def opacus_ghost_step(model: BackpropMLP, x: Tensor, y: Tensor, clip: float) -> tuple[Step, list[Tensor]]:
+    from opacus.grad_sample import GradSampleModuleFastGradientClipping
+    from opacus.optimizers import DPOptimizerFastGradientClipping
+    from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+
+    module = GradSampleModuleFastGradientClipping(
+        model.to_sequential(), max_grad_norm=clip, use_ghost_clipping=True, loss_reduction="mean"
+    )
+    optimizer = DPOptimizerFastGradientClipping(
+        torch.optim.SGD(module.parameters(), lr=0.0),
+        noise_multiplier=0.0,
+        max_grad_norm=clip,
+        expected_batch_size=x.shape[0],
+        loss_reduction="mean",
+    )
+    criterion = DPLossFastGradientClipping(module, optimizer, nn.CrossEntropyLoss(), loss_reduction="mean")
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        criterion(module(x), y).backward()
+        optimizer.step()
+
+    return step, list(module.parameters())
+
+
+def vmap_step(model: BackpropMLP, x: Tensor, y: Tensor, clip: float) -> tuple[Step, list[Tensor]]:
+    twin = model.to_sequential()
+    optimizer = torch.optim.SGD(twin.parameters(), lr=0.0)
+
+    def sample_loss(params: dict[str, Tensor], x_b: Tensor, y_b: Tensor) -> Tensor:
+        return F.cross_entropy(functional_call(twin, params, (x_b.unsqueeze(0),)), y_b.unsqueeze(0))
+
+    per_sample_grad = vmap(grad(sample_loss), in_dims=(None, 0, 0))
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        params = {name: p.detach() for name, p in twin.named_parameters()}
+        grads = per_sample_grad(params, x, y)
+        norms = torch.cat([g.flatten(1) for g in grads.values()], 1).norm(dim=1)
+        factor = (clip / norms).clamp(max=1.0)
+        for name, p in twin.named_parameters():
+            p.grad = torch.einsum("b,b...->...", factor, grads[name]) / x.shape[0]
+        optimizer.step()
+
+    return step, list(twin.parameters())
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[784, 512, 512, 10])
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--max-grad-norm", type=float, default=None, help="C; default: median norm")
+    parser.add_argument("--min-run-time", type=float, default=4.0, help="about this many seconds per row")
+    parser.add_argument("--rounds", type=int, default=9, help="interleaved measurements per row")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--skip-slow", action="store_true", help="skip the materialising methods")
+    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")  # Opacus, harmless
+
+    torch.manual_seed(0)
+    model = BackpropMLP(args.sizes)
+    x = torch.randn(args.batch_size, args.sizes[0])
+    y = torch.randint(args.sizes[-1], (args.batch_size,))
+    with per_sample(model, max_grad_norm=1.0) as ps:  # one pass for the norms, to pick C
+        F.cross_entropy(model(x), y).backward()
+    clip = args.max_grad_norm or ps.norms.median().item()
+    model.zero_grad(set_to_none=True)
+    reference = clipped_reference(model, x, y, clip)
+
+    methods: list[tuple[str, Callable[[], tuple[Step, list[Tensor]]], bool]] = [
+        ("plain BackpropMLP", lambda: plain_step(model, x, y), False),
+        ("plain nn.Sequential", lambda: plain_step(model.to_sequential(), x, y), False),
+        ("per_sample clipped", lambda: per_sample_step(model, x, y, clip), True),
+        ("Opacus hooks + clipping", lambda: opacus_hooks_step(model, x, y, clip), True),
+        ("Opacus ghost clipping", lambda: opacus_ghost_step(model, x, y, clip), True),
+        ("torch.func vmap(grad) + clipping", lambda: vmap_step(model, x, y, clip), True),
+    ]
+    slow = {"Opacus hooks + clipping", "torch.func vmap(grad) + clipping"}
+    rows, steps = [], []
+    for name, build, clipped in methods:
+        if args.skip_slow and name in slow:
+            continue
+        try:
+            step, params = build()
+        except ImportError as error:
+            rows.append({"method": name, "skipped": f"not importable: {error}"})
+            continue
+        step()
+        error_max = None
+        if clipped:
+            error_max = max((p.grad.double() - r).abs().max().item() for p, r in zip(params, reference))
+        timer = Timer(stmt="step()", globals={"step": step}, num_threads=args.threads, label=name)
+        # Steps per measurement so that one takes about min_run_time / rounds.
+        once = timer.timeit(1).median
+        number = max(1, round(args.min_run_time / args.rounds / once))
+        rows.append({"method": name, "max_abs_error_vs_float64_loop": error_max, "times_s": []})
+        steps.append((rows[-1], timer, number))
+    # Rounds interleave the methods, so a change in background load hits all of them alike; the
+    # ratios are medians over rounds of (method / plain BackpropMLP in the same round).
+    for _ in range(args.rounds):
+        for row, timer, number in steps:
+            row["times_s"].append(timer.timeit(number).median)
+    base_times = steps[0][0]["times_s"]
+    ours_times = next(row["times_s"] for row, _, _ in steps if row["method"] == "per_sample clipped")
+    print(
+        f"sizes {args.sizes}, batch {args.batch_size}, CPU float32, {args.threads} threads, "
+        f"C = {clip:.4g} (median per-sample norm), torch {torch.__version__}, {args.rounds} rounds\n"
+    )
+    print("| method | median step (ms) | vs plain BackpropMLP | per_sample clipped is faster by |")
+    print("| --- | ---: | ---: | ---: |")
+    for row in rows:
+        if "skipped" in row:
+            print(f"| {row['method']} | skipped ({row['skipped']}) | | |")
+            continue
+        times = row["times_s"]
+        row["median_s"] = statistics.median(times)
+        row["vs_plain"] = statistics.median(t / b for t, b in zip(times, base_times))
+        row["vs_per_sample"] = statistics.median(t / o for t, o in zip(times, ours_times))
+        print(
+            f"| {row['method']} | {1e3 * row['median_s']:.2f} | {row['vs_plain']:.2f}x | "
+            f"{row['vs_per_sample']:.1f}x |"
+        )
+    result = {
+        "sizes": args.sizes,
+        "batch_size": args.batch_size,
+        "max_grad_norm": clip,
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "rows": rows,
+    }
+    if args.json:
+        with open(args.json, "w") as file:
+            json.dump(result, file, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()
