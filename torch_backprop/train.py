@@ -449,7 +449,7 @@ def _config(args: argparse.Namespace, context: _Context, sizes: list[int]) -> di
         sizes=sizes,
         world_size=context.world_size,
         device_used=str(context.device),
-        torch_version=torch.__version__,
+        torch_version=str(torch.__version__),
         python_version=platform.python_version(),
     )
     return config
