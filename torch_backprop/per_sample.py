@@ -175,10 +175,10 @@ class PerSample:
                 if name == "weight":
                     h_b = h[k].view(batch, steps, h[k].shape[1])  # (B, T, n_k)
                     g = torch.bmm(delta_b.transpose(1, 2), h_b)  # PS1, (B, n_{k+1}, n_k)
-                    grad_weights[k] = delta[k].t().mm(h[k]).to(tape.weights[k].dtype)  # BP3
+                    grad_weights[k] = delta[k].t().mm(h[k]).to(layers[k].weight.dtype)  # BP3
                 else:
                     g = delta_b.sum(1)  # PS1, (B, n_{k+1})
-                    grad_biases[k] = delta[k].sum(0).to(tape.biases[k].dtype)  # BP4
+                    grad_biases[k] = delta[k].sum(0).to(layers[k].bias.dtype)  # BP4
                 g = g * scale
                 squared_norms += g.to(norm_dtype).flatten(1).square().sum(1)
                 _store_grad_sample(getattr(layers[k], name), g)
@@ -192,15 +192,17 @@ class PerSample:
                     squared_norms += delta_b.sum(1).square().sum(1)  # PS2, bias
             squared_norms *= scale**2
             factor = (self.max_grad_norm / squared_norms.clamp(min=0).sqrt()).clamp(max=1.0)  # PS3, (B,)
-            factor_rows = factor.to(tape.dtype).repeat_interleave(steps).unsqueeze(1)  # (N, 1)
+            factor_rows = factor.to(tape.dtype).repeat_interleave(steps)  # c repeated over t, (N,)
             for k in delta:
-                if not (needs_weight[k] or needs_bias[k]):
-                    continue
-                clipped = delta[k] * factor_rows  # c ⊙ δ^(k+1), (N, n_{k+1})
                 if needs_weight[k]:
-                    grad_weights[k] = clipped.t().mm(h[k]).to(tape.weights[k].dtype)  # PS4
+                    # (c ⊙ δ)ᵀ h = δᵀ (c ⊙ h): scale whichever of the two is narrower.
+                    if delta[k].shape[1] <= h[k].shape[1]:
+                        grad_weight = (delta[k] * factor_rows[:, None]).t().mm(h[k])  # PS4
+                    else:
+                        grad_weight = delta[k].t().mm(h[k] * factor_rows[:, None])  # PS4
+                    grad_weights[k] = grad_weight.to(layers[k].weight.dtype)
                 if needs_bias[k]:
-                    grad_biases[k] = clipped.sum(0).to(tape.biases[k].dtype)  # PS4
+                    grad_biases[k] = delta[k].t().mv(factor_rows).to(layers[k].bias.dtype)  # PS4
         self.norms = squared_norms.clamp(min=0).sqrt().detach()
         if needs_x:
             grad_x = delta[0].mm(tape.weights[0].to(tape.dtype)).to(tape.h[0].dtype)  # BP5, unclipped
