@@ -1,0 +1,83 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from torch_backprop import BackpropMLP, activations
+from torch_backprop.activations import Activation
+from torch_backprop.cli import main
+from torch_backprop.verify import delta_norms
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        ["--sizes", "12,16,5"],
+        ["--sizes", "10,8,8,3", "--activation", "tanh", "--show-deltas"],
+        ["--sizes", "6,7,9,4", "--activation", "gelu,sigmoid", "--no-bias", "--dtype", "float32"],
+        ["--sizes", "5,6,2", "--activation", "softplus", "--output-activation", "sigmoid", "--show-deltas"],
+        ["--sizes", "784,256,10", "--batch-size", "4", "--show-deltas"],
+    ],
+    ids=[
+        "relu-depth2",
+        "tanh-depth3-deltas",
+        "gelu-sigmoid-nobias-float32",
+        "softplus-sigmoid-out",
+        "mnist-shape",
+    ],
+)
+def test_verify_passes_on_good_models(options, capsys):
+    assert main(["verify", *options]) == 0
+    out = capsys.readouterr().out
+    depth = len(options[1].split(",")) - 1
+    for k in range(depth):
+        assert f"∂W^({k})" in out
+    assert "∂x" in out and "gradcheck (float64" in out and "passed" in out and "verify: OK" in out
+    if "--show-deltas" in options:
+        for k in range(1, depth + 1):
+            assert f"δ^({k})" in out
+
+
+def _broken_tanh() -> Activation:
+    # σ'(z) should be 1 - h²; this "forgets" the square, so only the manual backward is wrong
+    # (the native twin's nn.Tanh differentiates correctly).
+    return Activation("tanh", torch.tanh, lambda h: 1 - h, "h", module=nn.Tanh)
+
+
+def test_verify_fails_on_a_broken_backward(monkeypatch, capsys):
+    monkeypatch.setitem(activations._REGISTRY, "tanh", _broken_tanh)
+    assert main(["verify", "--sizes", "8,6,3", "--activation", "tanh", "--show-deltas"]) == 1
+    out = capsys.readouterr().out
+    assert "gradients: MISMATCH" in out and "deltas: MISMATCH" in out
+    assert "gradcheck" in out and "FAILED" in out and "verify: FAILED" in out
+
+
+def test_verify_rejects_bad_arguments(capsys):
+    with pytest.raises(SystemExit):
+        main(["verify", "--sizes", "8"])
+    assert main(["verify", "--sizes", "8,6,6,3", "--activation", "tanh,relu,relu"]) == 2
+
+
+def test_delta_norms_equal_an_independent_hand_written_chain_rule():
+    torch.manual_seed(0)
+    model = BackpropMLP([5, 7, 6, 3], activation="tanh", dtype=torch.float64)
+    x = torch.randn(4, 5, dtype=torch.float64)
+    target = torch.randn(4, 3, dtype=torch.float64)
+
+    def loss_fn(output):
+        return 0.5 * ((output - target) ** 2).sum()  # the slides' Q(h - y)
+
+    manual, native = delta_norms(model, x, loss_fn)
+    # Independent reference: δ^(l) = ∂Q/∂z^(l) by autograd on a forward written out by hand.
+    h, z_list = x.clone().requires_grad_(), []
+    for k, layer in enumerate(model.layers):
+        z = h @ layer.weight.detach().T + layer.bias.detach()
+        z.retain_grad()
+        z_list.append(z)
+        h = torch.tanh(z) if k < len(model.layers) - 1 else z
+    loss_fn(h).backward()
+    for k, z in enumerate(z_list):
+        torch.testing.assert_close(manual[k], z.grad, msg=f"delta^({k + 1}), manual")
+        torch.testing.assert_close(native[k], z.grad, msg=f"delta^({k + 1}), native")
+    assert all(p.grad is None for p in model.parameters())
