@@ -183,16 +183,16 @@ class PerSample:
                 squared_norms += g.to(norm_dtype).flatten(1).square().sum(1)
                 _store_grad_sample(getattr(layers[k], name), g)
         else:
-            for k, name in self._trainable(needs_weight, needs_bias):
-                delta_b = delta[k].view(batch, steps, delta[k].shape[1]).to(norm_dtype)
-                if name == "weight":
-                    h_b = h[k].view(batch, steps, h[k].shape[1]).to(norm_dtype)
-                    squared_norms += _squared_norm(delta_b, h_b)  # PS2
-                else:
-                    squared_norms += delta_b.sum(1).square().sum(1)  # PS2, bias
+            for k in delta:
+                if needs_weight[k] or needs_bias[k]:
+                    squared_norms += _squared_norms(
+                        delta[k], h[k], batch, steps, needs_weight[k], needs_bias[k]
+                    )
             squared_norms *= scale**2
             factor = (self.max_grad_norm / squared_norms.clamp(min=0).sqrt()).clamp(max=1.0)  # PS3, (B,)
-            factor_rows = factor.to(tape.dtype).repeat_interleave(steps)  # c repeated over t, (N,)
+            factor_rows = factor.to(tape.dtype)  # c repeated over t, (N,)
+            if steps != 1:
+                factor_rows = factor_rows.repeat_interleave(steps)
             for k in delta:
                 if needs_weight[k]:
                     # (c ⊙ δ)ᵀ h = δᵀ (c ⊙ h): scale whichever of the two is narrower.
@@ -209,16 +209,28 @@ class PerSample:
         return grad_x, grad_weights, grad_biases
 
 
-def _squared_norm(delta: Tensor, h: Tensor) -> Tensor:
-    """‖Σ_t δ_bt ⊗ h_bt‖² for each b, from δ (B, T, n_out) and h (B, T, n_in): (B,)."""
-    steps, n_out, n_in = delta.shape[1], delta.shape[2], h.shape[2]
+def _squared_norms(delta: Tensor, h: Tensor, batch: int, steps: int, weight: bool, bias: bool) -> Tensor:
+    """PS2 / s² for one layer: ‖Σ_t δ_bt ⊗ h_bt‖² (if ``weight``) + ‖Σ_t δ_bt‖² (if ``bias``), (B,).
+
+    ``delta`` is δ^(l+1) (N, n_{l+1}) and ``h`` is h^(l) (N, n_l), N = B T; the sums of squares
+    run in float32 at least.
+    """
+    dtype = torch.promote_types(delta.dtype, torch.float32)
     if steps == 1:
-        return delta.square().sum((1, 2)) * h.square().sum((1, 2))  # ‖h_b‖² ‖δ_b‖²
+        delta_squared = torch.linalg.vector_norm(delta, dim=1, dtype=dtype).square()  # ‖δ_b‖², (B,)
+        h_squared = torch.linalg.vector_norm(h, dim=1, dtype=dtype).square() if weight else 0.0  # ‖h_b‖²
+        return delta_squared * (h_squared + (1.0 if bias else 0.0))
+    n_out, n_in = delta.shape[1], h.shape[1]
+    delta_b = delta.view(batch, steps, n_out).to(dtype)  # (B, T, n_{l+1})
+    total = delta_b.sum(1).square().sum(1) if bias else torch.zeros(batch, dtype=dtype, device=delta.device)
+    if not weight:
+        return total
+    h_b = h.view(batch, steps, n_in).to(dtype)  # (B, T, n_l)
     if steps * (n_in + n_out) <= n_in * n_out:
-        gram_delta = torch.bmm(delta, delta.transpose(1, 2))  # (B, T, T)
-        gram_h = torch.bmm(h, h.transpose(1, 2))  # (B, T, T)
-        return (gram_delta * gram_h).sum((1, 2))
-    return torch.bmm(delta.transpose(1, 2), h).square().sum((1, 2))  # materialised, one layer
+        gram_delta = torch.bmm(delta_b, delta_b.transpose(1, 2))  # (δ_t · δ_t'), (B, T, T)
+        gram_h = torch.bmm(h_b, h_b.transpose(1, 2))  # (h_t · h_t'), (B, T, T)
+        return total + (gram_delta * gram_h).sum((1, 2))
+    return total + torch.bmm(delta_b.transpose(1, 2), h_b).square().sum((1, 2))  # materialised, one layer
 
 
 def _store_grad_sample(param: Tensor, g: Tensor) -> None:
