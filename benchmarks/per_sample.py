@@ -6,6 +6,8 @@ of them start from the same weights and data; the script checks that their clipp
 before timing. Each row is measured in ``--rounds`` rounds that interleave the methods (each a
 ``torch.utils.benchmark.Timer.timeit`` of several steps); times are medians over rounds, and ratios
 are medians over rounds of the per-round ratio, so that background load shifts all rows alike.
+The CPU-time columns (``time.process_time`` around the same measurements, all threads) are the
+ratios to trust on a shared machine, where other processes stretch wall time but not CPU time.
 
 Rows:
     plain BackpropMLP       the baseline (1.00x)
@@ -29,6 +31,7 @@ import argparse
 import json
 import platform
 import statistics
+import time
 import warnings
 from collections.abc import Callable
 
@@ -199,32 +202,41 @@ def main(argv: list[str] | None = None) -> dict:
         # Steps per measurement so that one takes about min_run_time / rounds.
         once = timer.timeit(1).median
         number = max(1, round(args.min_run_time / args.rounds / once))
-        rows.append({"method": name, "max_abs_error_vs_float64_loop": error_max, "times_s": []})
+        rows.append({"method": name, "max_abs_error_vs_float64_loop": error_max, "times_s": [], "cpu_s": []})
         steps.append((rows[-1], timer, number))
     # Rounds interleave the methods, so a change in background load hits all of them alike; the
     # ratios are medians over rounds of (method / plain BackpropMLP in the same round).
     for _ in range(args.rounds):
         for row, timer, number in steps:
+            cpu_start = time.process_time()
             row["times_s"].append(timer.timeit(number).median)
-    base_times = steps[0][0]["times_s"]
-    ours_times = next(row["times_s"] for row, _, _ in steps if row["method"] == "per_sample clipped")
+            row["cpu_s"].append((time.process_time() - cpu_start) / number)
+    base_times, base_cpu = steps[0][0]["times_s"], steps[0][0]["cpu_s"]
+    ours = next(row for row, _, _ in steps if row["method"] == "per_sample clipped")
+    ours_times, ours_cpu = ours["times_s"], ours["cpu_s"]
     print(
         f"sizes {args.sizes}, batch {args.batch_size}, CPU float32, {args.threads} threads, "
         f"C = {clip:.4g} (median per-sample norm), torch {torch.__version__}, {args.rounds} rounds\n"
     )
-    print("| method | median step (ms) | vs plain BackpropMLP | per_sample clipped is faster by |")
-    print("| --- | ---: | ---: | ---: |")
+    print(
+        "| method | median step (ms) | vs plain BackpropMLP | per_sample clipped is faster by "
+        "| CPU time vs plain | CPU time vs per_sample clipped |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for row in rows:
         if "skipped" in row:
-            print(f"| {row['method']} | skipped ({row['skipped']}) | | |")
+            print(f"| {row['method']} | skipped ({row['skipped']}) | | | | |")
             continue
         times = row["times_s"]
         row["median_s"] = statistics.median(times)
         row["vs_plain"] = statistics.median(t / b for t, b in zip(times, base_times))
         row["vs_per_sample"] = statistics.median(t / o for t, o in zip(times, ours_times))
+        cpu = row["cpu_s"]
+        row["cpu_vs_plain"] = statistics.median(t / b for t, b in zip(cpu, base_cpu))
+        row["cpu_vs_per_sample"] = statistics.median(t / o for t, o in zip(cpu, ours_cpu))
         print(
             f"| {row['method']} | {1e3 * row['median_s']:.2f} | {row['vs_plain']:.2f}x | "
-            f"{row['vs_per_sample']:.1f}x |"
+            f"{row['vs_per_sample']:.1f}x | {row['cpu_vs_plain']:.2f}x | {row['cpu_vs_per_sample']:.1f}x |"
         )
     result = {
         "sizes": args.sizes,
