@@ -12,9 +12,10 @@ repeated because shared machines are noisy:
                first layer, the input-gradient product δ^(l+1) W^(l)ᵀ (BP2)
     recompute  BackpropMLP(recompute=True), which keeps only its input and reruns the forward in backward
 
-Times come from ``torch.utils.benchmark.Timer.blocked_autorange`` (the median of its blocks); each
-round measures every contender once, in a rotated order, and a case reports the median of its
-rounds' medians. Memory is the bytes the forward saves for backward, counted with
+Times come from ``torch.utils.benchmark.Timer.blocked_autorange`` (the median of its blocks). The
+whole grid is built first; then each round measures every case, and within a case every contender
+once, in a rotated order, so a case's rounds spread over the whole run; a case reports the median of
+its rounds' medians. Memory is the bytes the forward saves for backward, counted with
 ``torch.autograd.graph.saved_tensors_hooks`` over unique storages, and on CUDA the peak of
 ``torch.cuda.max_memory_allocated`` during one step.
 
@@ -62,6 +63,7 @@ __all__ = [
     "interleaved_medians",
     "machine_info",
     "matmul_floor",
+    "measure_grid",
     "parse_cases",
     "plot_ratios",
     "run",
@@ -321,14 +323,21 @@ def _ratio(numerator: float | None, denominator: float | None) -> float | None:
     return numerator / denominator
 
 
-def measure_case(
-    case: Case, settings: Settings, log: Callable[[str], None] = lambda _: None
-) -> dict[str, Any]:
-    """Time, and count the saved bytes of, the five contenders on one case.
+@dataclass
+class _Prepared:
+    """One case, built and warmed up: its models, data and step callables."""
 
-    Returns:
-        The case's JSON record: shape, medians, per-round medians, ratios and memory.
-    """
+    case: Case
+    models: dict[str, torch.nn.Module]
+    x: Tensor
+    steps: dict[str, Callable[[], None]]
+    timers: dict[str, benchmark.Timer]
+    compile_s: float | None
+    compile_error: str | None
+    rounds_s: dict[str, list[float]] = field(default_factory=dict)
+
+
+def _prepare(case: Case, settings: Settings, log: Callable[[str], None]) -> _Prepared:
     device = torch.device(settings.device)
     dtype = _DTYPES[case.dtype]
     torch.manual_seed(settings.seed)
@@ -350,9 +359,6 @@ def measure_case(
     }
     compile_s, compile_error = None, None
     if settings.compile:
-        # A fresh dynamo cache per case: every nn.Sequential shares one forward code object, whose
-        # recompile limit the grid would otherwise exhaust (falling back to eager, silently).
-        torch._dynamo.reset()
         twin = manual.to_sequential()
         compiled = torch.compile(twin, dynamic=False)
         step = _training_step(compiled, list(twin.parameters()), x, target, case.loss)
@@ -370,19 +376,38 @@ def measure_case(
     for step in steps.values():  # warm-up (allocator, thread pool, lazy init)
         for _ in range(2):
             step()
-
-    order = [name for name in CONTENDERS if name in steps]
-    timed = interleaved_medians(
-        {name: steps[name] for name in order},
-        rounds=settings.rounds,
-        min_run_time=settings.min_run_time,
-        threads=settings.threads,
-        label=case.name,
-    )
-    medians = {name: timed[name]["median_s"] if name in timed else None for name in CONTENDERS}
-    ratios = {key: _ratio(medians[a], medians[b]) for key, (a, b) in RATIOS.items()}
-
+    steps = {name: steps[name] for name in CONTENDERS if name in steps}
+    timers = {
+        name: benchmark.Timer(
+            stmt="step()",
+            globals={"step": step},
+            num_threads=settings.threads,
+            label=case.name,
+            description=name,
+        )
+        for name, step in steps.items()
+    }
     models = {"manual": manual, "native": native, "recompute": recompute}
+    return _Prepared(case, models, x, steps, timers, compile_s, compile_error, {name: [] for name in steps})
+
+
+def _measure_round(prepared: _Prepared, round_index: int, min_run_time: float) -> None:
+    """One measurement of each contender, starting ``round_index`` places further along the list."""
+    names = list(prepared.timers)
+    shift = round_index % len(names)
+    for name in names[shift:] + names[:shift]:
+        median = prepared.timers[name].blocked_autorange(min_run_time=min_run_time).median
+        prepared.rounds_s[name].append(median)
+
+
+def _record(prepared: _Prepared, device: torch.device) -> dict[str, Any]:
+    """The case's JSON record: shape, medians, per-round medians, ratios and memory."""
+    case, x, models, steps = prepared.case, prepared.x, prepared.models, prepared.steps
+    medians = {
+        name: statistics.median(prepared.rounds_s[name]) if prepared.rounds_s.get(name) else None
+        for name in CONTENDERS
+    }
+    ratios = {key: _ratio(medians[a], medians[b]) for key, (a, b) in RATIOS.items()}
     saved = {name: saved_bytes(lambda m=m: m(x)) for name, m in models.items()}
     saved_activations = {
         name: saved_bytes(lambda m=m: m(x), exclude=m.parameters()) for name, m in models.items()
@@ -400,15 +425,45 @@ def measure_case(
         "dtype": case.dtype,
         "loss": case.loss,
         "median_s": medians,
-        "rounds_s": {name: timed[name]["rounds_s"] for name in order},
+        "rounds_s": prepared.rounds_s,
         "ratios": ratios,
         "input_bytes": x.numel() * x.element_size(),
         "saved_bytes": saved,
         "saved_activation_bytes": saved_activations,
         "peak_bytes": peak,
-        "compile_s": compile_s,
-        "compile_error": compile_error,
+        "compile_s": prepared.compile_s,
+        "compile_error": prepared.compile_error,
     }
+
+
+def measure_grid(
+    cases: Sequence[Case], settings: Settings, log: Callable[[str], None] = lambda _: None
+) -> list[dict[str, Any]]:
+    """Time, and count the saved bytes of, the five contenders on every case.
+
+    Every case is built (and compiled) first; then each round measures every case once, so that a
+    case's rounds spread over the whole run and a burst of load from other processes touches only
+    a few of them (the median discards those).
+
+    Returns:
+        One JSON record per case (see :func:`run_benchmark`).
+    """
+    device = torch.device(settings.device)
+    # Every compiled twin is an nn.Sequential, and dynamo caches per code object: let it hold one
+    # entry per case instead of falling back to eager (silently) after the default 8.
+    limits = {"recompile_limit": len(cases) + 8, "accumulated_recompile_limit": 64 * (len(cases) + 8)}
+    if settings.compile:
+        torch._dynamo.reset()
+    with torch._dynamo.config.patch(**limits):
+        prepared = []
+        for i, case in enumerate(cases, 1):
+            log(f"[{i}/{len(cases)}] building {case.name}")
+            prepared.append(_prepare(case, settings, log))
+        for r in range(settings.rounds):
+            log(f"round {r + 1}/{settings.rounds}")
+            for p in prepared:
+                _measure_round(p, r, settings.min_run_time)
+        return [_record(p, device) for p in prepared]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -504,10 +559,7 @@ def run_benchmark(
     section_results: dict[str, Any] = {}
     with _threads(settings.threads):
         if grid:
-            grid_cases = settings.cases()
-            for i, case in enumerate(grid_cases, 1):
-                log(f"[{i}/{len(grid_cases)}] {case.name}")
-                cases.append(measure_case(case, settings, log))
+            cases = measure_grid(settings.cases(), settings, log)
         for name in sections:
             module = importlib.import_module(EXTRA_SECTIONS[name])
             section = module.run_section(settings, log)

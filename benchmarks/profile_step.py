@@ -1,0 +1,90 @@
+"""Profile one training step of BackpropMLP and of its native twin with ``torch.profiler``.
+
+Where ``torch-backprop bench`` finds the manual backward slower than native autograd, this says
+which operators (and how much Python around them) cost what. Run from the repository root:
+
+    python benchmarks/profile_step.py --case 8-16-16-1@32 --activation relu --threads 2
+
+It prints, for each contender, the operators sorted by self CPU time over ``--steps`` steps, and a
+side-by-side summary of the total time per step split into matrix multiplies, other operators and
+time outside operators (Python, autograd engine).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile, record_function
+
+from torch_backprop import BackpropMLP
+from torch_backprop.bench import parse_cases
+
+MATMULS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear"}
+
+
+def training_step(
+    model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, mse: bool
+) -> Callable[[], None]:
+    parameters = list(model.parameters())
+
+    def step() -> None:
+        for p in parameters:
+            p.grad = None
+        loss = F.mse_loss(model(x), target) if mse else F.cross_entropy(model(x), target)
+        loss.backward()
+
+    return step
+
+
+def profile_step(name: str, step: Callable[[], None], steps: int, rows: int) -> dict[str, float]:
+    for _ in range(20):
+        step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            with record_function("step"):
+                step()
+    averages = prof.key_averages()
+    print(f"\n=== {name}: operators by self CPU time, {steps} steps ===")
+    print(averages.table(sort_by="self_cpu_time_total", row_limit=rows))
+    step_total = next(e.cpu_time_total for e in averages if e.key == "step") / steps
+    matmul = sum(e.self_cpu_time_total for e in averages if e.key in MATMULS) / steps
+    operators = sum(e.self_cpu_time_total for e in averages if e.key.startswith("aten::")) / steps
+    return {"step_us": step_total, "matmul_us": matmul, "other_ops_us": operators - matmul}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--case", default="8-16-16-1@32", help="WIDTHS@BATCH")
+    parser.add_argument("--activation", default="relu")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--rows", type=int, default=20)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    ((sizes, batch),) = parse_cases(args.case)
+    torch.manual_seed(0)
+    manual = BackpropMLP(sizes, activation=args.activation)
+    native = manual.to_sequential()
+    x = torch.randn(batch, sizes[0])
+    mse = sizes[-1] == 1
+    target = torch.randn(batch, 1) if mse else torch.randint(sizes[-1], (batch,))
+    results = {
+        name: profile_step(name, training_step(model, x, target, mse), args.steps, args.rows)
+        for name, model in (("manual", manual), ("native", native))
+    }
+    print(f"\n=== per step (µs, under the profiler), {args.case} {args.activation} ===")
+    print(
+        "| contender | step | matmuls (self) | other aten ops (self) | outside aten ops (Python, autograd) |"
+    )
+    print("|---|---:|---:|---:|---:|")
+    for name, r in results.items():
+        outside = r["step_us"] - r["matmul_us"] - r["other_ops_us"]
+        cells = [r["step_us"], r["matmul_us"], r["other_ops_us"], outside]
+        print(f"| {name} | " + " | ".join(f"{cell:.0f}" for cell in cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
