@@ -92,6 +92,8 @@ def check_report(report: dict, cases: int, compiled: bool) -> None:
                 assert ratio is None
             else:
                 assert ratio == pytest.approx(medians[numerator] / medians[denominator], rel=1e-12)
+                paired = [a / b for a, b in zip(case["rounds_s"][numerator], case["rounds_s"][denominator])]
+                assert case["paired_ratios"][key] == pytest.approx(statistics.median(paired), rel=1e-12)
         for counts in (case["saved_bytes"], case["saved_activation_bytes"]):
             assert set(counts) == {"manual", "native", "recompute"}
             assert all(isinstance(v, int) and v > 0 for v in counts.values())

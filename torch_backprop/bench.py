@@ -36,6 +36,7 @@ import math
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -408,6 +409,15 @@ def _record(prepared: _Prepared, device: torch.device) -> dict[str, Any]:
         for name in CONTENDERS
     }
     ratios = {key: _ratio(medians[a], medians[b]) for key, (a, b) in RATIOS.items()}
+    # The same ratios taken within each round (contenders measured back to back), then the median:
+    # a cross-check that load drifting between rounds did not tilt the ratios of medians.
+    rounds = prepared.rounds_s
+    paired = {
+        key: statistics.median(x / y for x, y in zip(rounds[a], rounds[b]))
+        if a in rounds and b in rounds
+        else None
+        for key, (a, b) in RATIOS.items()
+    }
     saved = {name: saved_bytes(lambda m=m: m(x)) for name, m in models.items()}
     saved_activations = {
         name: saved_bytes(lambda m=m: m(x), exclude=m.parameters()) for name, m in models.items()
@@ -427,6 +437,7 @@ def _record(prepared: _Prepared, device: torch.device) -> dict[str, Any]:
         "median_s": medians,
         "rounds_s": prepared.rounds_s,
         "ratios": ratios,
+        "paired_ratios": paired,
         "input_bytes": x.numel() * x.element_size(),
         "saved_bytes": saved,
         "saved_activation_bytes": saved_activations,
@@ -479,6 +490,27 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def _source_revision() -> str | None:
+    """The git commit of the package's checkout, with "+dirty" when its files differ from it."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "torch_backprop"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if commit.returncode != 0:
+        return None
+    return commit.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
 def machine_info(device: str, threads: int) -> dict[str, Any]:
     """Where the numbers come from: CPU, threads, accelerator, torch and Python versions."""
     info: dict[str, Any] = {
@@ -490,6 +522,7 @@ def machine_info(device: str, threads: int) -> dict[str, Any]:
         "platform": platform.platform(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
+    info["source"] = _source_revision()
     with contextlib.suppress(OSError, AttributeError):
         # Other processes compete for the cores: a load well above 0 at the start means noisy numbers.
         info["load_average"] = list(os.getloadavg())
