@@ -398,3 +398,54 @@ def test_dp_sgd_step_errors(args: tuple, match: str) -> None:
     model = make_model()
     with pytest.raises(ValueError, match=match):
         dp_sgd_step(model, torch.optim.SGD(model.parameters(), lr=0.1), *args)
+
+
+# Other paths of the Function
+
+
+def test_recompute_model_gives_the_same_per_sample_gradients() -> None:
+    model = BackpropMLP(SIZES, activation="gelu", recompute=True, dtype=DTYPE)
+    x, y = make_data((BATCH, 2))
+    loop = loop_grads(model, x, y, "mean")
+    with per_sample(model) as ps:
+        batch_loss(model(x), y, "mean").backward()
+    for (name, p), expected in zip(model.named_parameters(), loop):
+        assert_close(p.grad_sample, expected, TOL, name)
+    assert_close(ps.norms, flat_norms(loop), TOL, "norms")
+
+
+def test_dropout_per_sample_gradients_add_up_to_the_gradient() -> None:
+    # The twin cannot replay the masks, so the reference is the ordinary gradient of the same
+    # backward (BP3-BP4, itself held to native autograd elsewhere) and clipping at infinity.
+    model = BackpropMLP(SIZES, activation="relu", dropout=0.5, dtype=DTYPE).train()
+    x, y = make_data((BATCH,))
+    torch.manual_seed(5)
+    with per_sample(model, loss_reduction="mean") as ps:
+        batch_loss(model(x), y, "mean").backward()
+    grad_samples = [p.grad_sample for p in model.parameters()]
+    for (name, p), g in zip(model.named_parameters(), grad_samples):
+        assert_close(g.mean(0), p.grad, TOL, name)
+    assert_close(ps.norms, flat_norms(grad_samples), TOL, "norms")
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(5)
+    with per_sample(model, max_grad_norm=math.inf):
+        batch_loss(model(x), y, "mean").backward()
+    for (name, p), g in zip(model.named_parameters(), grads):
+        assert_close(p.grad, g, TOL, f"{name} (clipped at infinity)")
+
+
+def test_autocast_bfloat16_clipping_is_close_to_float32() -> None:
+    model = BackpropMLP([16, 32, 32, 4], activation="tanh")
+    x, y = torch.randn(8, 16), torch.randint(4, (8,))
+    with per_sample(model, max_grad_norm=0.5) as ps:
+        F.cross_entropy(model(x), y).backward()
+    expected, expected_norms = [p.grad.clone() for p in model.parameters()], ps.norms
+    model.zero_grad(set_to_none=True)
+    with per_sample(model, max_grad_norm=0.5) as ps, torch.autocast("cpu", dtype=torch.bfloat16):
+        F.cross_entropy(model(x), y).backward()
+    assert ps.norms.dtype == torch.float32
+    torch.testing.assert_close(ps.norms, expected_norms, rtol=5e-2, atol=1e-3)
+    for (name, p), e in zip(model.named_parameters(), expected):
+        assert p.grad.dtype == torch.float32, name
+        torch.testing.assert_close(p.grad, e, rtol=5e-2, atol=2e-2, msg=lambda m, n=name: f"{n}: {m}")
