@@ -549,10 +549,10 @@ def _train(args: argparse.Namespace) -> None:
         for trainee in trainees:
             trainee.model.train()
         started = time.perf_counter()
-        sums = {t.name: 0.0 for t in trainees}
+        sums = {t.name: torch.zeros((), dtype=torch.float64, device=context.device) for t in trainees}
         seen = 0
         bar = _progress(loader, f"epoch {epoch + 1}/{args.epochs}", context)
-        for x, y in bar:
+        for step, (x, y) in enumerate(bar):
             x, y = x.to(context.device, non_blocking=True), y.to(context.device, non_blocking=True)
             for trainee in trainees:
                 trainee.optimizer.zero_grad(set_to_none=True)
@@ -562,12 +562,14 @@ def _train(args: argparse.Namespace) -> None:
                 trainee.scaler.scale(loss).backward()
                 trainee.scaler.step(trainee.optimizer)
                 trainee.scaler.update()
-                sums[trainee.name] += loss.item() * len(y)
+                sums[trainee.name] += loss.detach() * len(y)  # no .item(): no device sync per step
             seen += len(y)
-            rate = seen * context.world_size / (time.perf_counter() - started)
-            bar.set_postfix(loss=f"{sums[trainees[0].name] / seen:.4f}", samples_per_s=f"{rate:.0f}")
+            if not bar.disable and step % 10 == 0:
+                rate = seen * context.world_size / (time.perf_counter() - started)
+                running = sums[trainees[0].name].item() / seen
+                bar.set_postfix(loss=f"{running:.4f}", samples_per_s=f"{rate:.0f}")
         bar.close()
-        totals = context.all_sum([*sums.values(), float(seen)])
+        totals = context.all_sum([*(s.item() for s in sums.values()), float(seen)])
         seconds = time.perf_counter() - started
         row: dict[str, Any] = {
             "epoch": epoch + 1,
