@@ -171,9 +171,9 @@ class PerSample:
 
         if self.max_grad_norm is None:
             for k, name in self._trainable(needs_weight, needs_bias):
-                delta_b = delta[k].view(batch, steps, delta[k].shape[1])  # (B, T, n_{k+1})
+                delta_b = delta[k].reshape(batch, steps, delta[k].shape[1])  # (B, T, n_{k+1})
                 if name == "weight":
-                    h_b = h[k].view(batch, steps, h[k].shape[1])  # (B, T, n_k)
+                    h_b = h[k].reshape(batch, steps, h[k].shape[1])  # (B, T, n_k)
                     g = torch.bmm(delta_b.transpose(1, 2), h_b)  # PS1, (B, n_{k+1}, n_k)
                     grad_weights[k] = delta[k].t().mm(h[k]).to(layers[k].weight.dtype)  # BP3
                 else:
@@ -221,11 +221,11 @@ def _squared_norms(delta: Tensor, h: Tensor, batch: int, steps: int, weight: boo
         h_squared = torch.linalg.vector_norm(h, dim=1, dtype=dtype).square() if weight else 0.0  # ‖h_b‖²
         return delta_squared * (h_squared + (1.0 if bias else 0.0))
     n_out, n_in = delta.shape[1], h.shape[1]
-    delta_b = delta.view(batch, steps, n_out).to(dtype)  # (B, T, n_{l+1})
+    delta_b = delta.reshape(batch, steps, n_out).to(dtype)  # (B, T, n_{l+1})
     total = delta_b.sum(1).square().sum(1) if bias else torch.zeros(batch, dtype=dtype, device=delta.device)
     if not weight:
         return total
-    h_b = h.view(batch, steps, n_in).to(dtype)  # (B, T, n_l)
+    h_b = h.reshape(batch, steps, n_in).to(dtype)  # (B, T, n_l)
     if steps * (n_in + n_out) <= n_in * n_out:
         gram_delta = torch.bmm(delta_b, delta_b.transpose(1, 2))  # (δ_t · δ_t'), (B, T, T)
         gram_h = torch.bmm(h_b, h_b.transpose(1, 2))  # (h_t · h_t'), (B, T, T)
