@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
     generator = torch.Generator().manual_seed(args.seed)
 
     if args.synthetic:
-        x_train, y_train, x_test, y_test = synthetic_digits(1000, 250, generator)
+        x_train, y_train, x_test, y_test = synthetic_digits(4000, 500, generator)
         data = "synthetic"
     else:
         if not args.data_root.is_dir():
