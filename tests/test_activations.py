@@ -11,6 +11,12 @@ from torch_backprop import BackpropMLP, available_activations, get_activation, r
 from torch_backprop import activations as registry
 
 
+@pytest.fixture(autouse=True)
+def _restore_registry(monkeypatch):
+    # Entries registered by a test vanish after it, so other tests see only the built-ins.
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+
+
 @pytest.mark.parametrize("name", available_activations())
 def test_derivative_equals_autograd_derivative_of_sigma(name):
     act = get_activation(name)

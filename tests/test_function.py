@@ -181,3 +181,24 @@ def test_gradients_do_not_depend_on_how_the_batch_is_split(batch, split, activat
     _, second = run_and_grad(model, x[split:], upstream[split:])
     for grad, part1, part2 in zip(whole, first, second):
         torch.testing.assert_close(grad, part1 + part2, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", "tanh"])
+@pytest.mark.parametrize("recompute", [False, True], ids=["lean", "recompute"])
+def test_canonical_function_and_eager_twin_agree_with_native(activation, recompute):
+    # In eager mode BackpropMLP goes through the classic-style twin of MLPFunction; the canonical
+    # setup_context Function (used under torch.func and torch.compile) is checked here directly.
+    weights, biases = _params([4, 6, 3])
+    acts = (get_activation(activation), get_activation("identity"))
+    x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(5, 3, dtype=torch.float64)
+    inputs = [x, *weights, *biases]
+    out = MLPFunction.apply(x, acts, recompute, None, *weights, *biases, None)[0]
+    grads = torch.autograd.grad(out, inputs, upstream)
+    ref = torch.nn.functional.linear(
+        acts[0].fn(torch.nn.functional.linear(x, weights[0], biases[0])), weights[1], biases[1]
+    )
+    ref_grads = torch.autograd.grad(ref, inputs, upstream)
+    assert_close(out, ref, GRAD_TOLERANCE[torch.float64], "output")
+    for grad, expected in zip(grads, ref_grads):
+        assert_close(grad, expected, GRAD_TOLERANCE[torch.float64], "gradient")

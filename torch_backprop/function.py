@@ -13,11 +13,20 @@ from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .activations import Activation
 
-__all__ = ["MLPFunction", "Tape", "backward_phase", "deltas", "lowest_layer"]
+__all__ = [
+    "MLPFunction",
+    "Tape",
+    "apply_mlp",
+    "backward_phase",
+    "deltas",
+    "forward_phase",
+    "lowest_layer",
+]
 
 
 def _split(tensors: Sequence[Any], depth: int) -> tuple[Sequence[Any], Sequence[Any], Sequence[Any]]:
@@ -92,40 +101,13 @@ class MLPFunction(torch.autograd.Function):
         backward_phase: Any,
         *params: Tensor | None,
     ) -> tuple[Tensor, ...]:
-        depth = len(activations)
-        weights, biases, masks = _split(params, depth)
-        hidden, pre_activations = [], []
-        h = x
-        for k, (weight, bias, act) in enumerate(zip(weights, biases, activations)):
-            z = h.mm(weight.t()) if bias is None else torch.addmm(bias, h, weight.t())  # (N, n_{k+1})
-            if act.derivative_from == "z":
-                pre_activations.append(z)
-            h = act.forward(z)  # h^(k+1) = σ(z^(k+1))
-            if k < depth - 1:
-                hidden.append(h)
-                if masks[k] is not None:
-                    h = h * masks[k]  # h^(k+1) ⊙ m^(k+1)
-        return (h, *hidden, *pre_activations)
+        return forward_phase(x, activations, *params)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
-        x, activations, recompute, backward_phase, *params = inputs
         h_last, *intermediates = output
         ctx.mark_non_differentiable(*intermediates)
-        ctx.set_materialize_grads(False)
-        ctx.activations, ctx.recompute, ctx.backward_phase = activations, recompute, backward_phase
-        device_type = x.device.type
-        ctx.autocast = (
-            device_type,
-            torch.is_autocast_enabled(device_type),
-            torch.get_autocast_dtype(device_type),
-        )
-        ctx.compute_dtype = _compute_dtype(x, params[0])
-        if recompute:
-            ctx.save_for_backward(x, *params)
-        else:
-            keep_output = activations[-1].derivative_from == "h"
-            ctx.save_for_backward(x, *params, h_last if keep_output else None, *intermediates)
+        _save_for_backward(ctx, inputs, h_last, intermediates)
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor | None, *_: Tensor | None) -> tuple[Tensor | None, ...]:
@@ -142,12 +124,21 @@ class MLPFunction(torch.autograd.Function):
             # differentiable in x, W and b), in the autocast state the forward ran in.
             device_type, enabled, dtype = ctx.autocast
             with torch.autocast(device_type, dtype=dtype, enabled=enabled):
-                h_last, *intermediates = MLPFunction.forward(x, activations, False, None, *params)
+                h_last, *intermediates = forward_phase(x, activations, *params)
         else:
             h_last, *intermediates = rest[3 * depth - 1 :]
 
         h, sigma_input = _layer_tensors(x, h_last, intermediates, activations, masks)
-        tape = Tape(grad_output, h, sigma_input, weights, biases, masks, activations, ctx.compute_dtype)
+        dtype = ctx.compute_dtype  # the backward phase runs in the forward's dtype, as native autograd's does
+        tape = Tape(
+            grad_output,
+            [_cast(t, dtype) for t in h],
+            sigma_input,
+            [_cast(t, dtype) for t in weights],
+            masks,
+            activations,
+            dtype,
+        )
         needs = ctx.needs_input_grad[4:]
         with _no_autocast(x.device.type):
             grad_x, grad_weights, grad_biases = (ctx.backward_phase or backward_phase)(
@@ -156,7 +147,95 @@ class MLPFunction(torch.autograd.Function):
                 needs_weight=needs[:depth],
                 needs_bias=needs[depth : 2 * depth],
             )
-        return (grad_x, None, None, None, *grad_weights, *grad_biases, *(None,) * (depth - 1))
+        return (
+            _cast(grad_x, x.dtype),
+            None,
+            None,
+            None,
+            *(_cast(g, w.dtype) for g, w in zip(grad_weights, weights)),
+            *(_cast(g, b.dtype) if b is not None else None for g, b in zip(grad_biases, biases)),
+            *(None,) * (depth - 1),
+        )
+
+
+class _EagerMLPFunction(torch.autograd.Function):
+    """MLPFunction in the classic style (``ctx`` in ``forward``), for eager mode outside torch.func.
+
+    The same forward phase, the same saved tensors and the same backward; what it avoids is the
+    per-call argument binding (``inspect.signature``) that autograd does for ``setup_context``
+    Functions, which costs more than a small network's whole step. It returns h^(L) only.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, *inputs: Any) -> Tensor:
+        x, activations, _, _, *params = inputs
+        h_last, *intermediates = forward_phase(x, activations, *params)
+        _save_for_backward(ctx, inputs, h_last, intermediates)
+        return h_last
+
+    backward = MLPFunction.backward
+
+
+def apply_mlp(
+    x: Tensor,
+    activations: tuple[Activation, ...],
+    recompute: bool,
+    backward_phase: Any,
+    *params: Tensor | None,
+) -> Tensor:
+    """h^(L) of ``MLPFunction.apply`` (same arguments), through the cheaper eager twin where allowed."""
+    if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
+        return MLPFunction.apply(x, activations, recompute, backward_phase, *params)[0]
+    return _EagerMLPFunction.apply(x, activations, recompute, backward_phase, *params)
+
+
+def forward_phase(x: Tensor, activations: Sequence[Activation], *params: Tensor | None) -> tuple[Tensor, ...]:
+    """The slides' forward phase: ``(h^(L), *hidden, *pre_activations)``.
+
+    ``hidden`` is h^(1), ..., h^(L-1) before dropout (σ' and ∂W read them); ``pre_activations`` is
+    z^(l) for the layers whose σ' reads z, in layer order.
+    """
+    depth = len(activations)
+    weights, biases, masks = _split(params, depth)
+    hidden, pre_activations = [], []
+    h = x
+    for k in range(depth):
+        z = F.linear(h, weights[k], biases[k])  # z^(k+1) = h^(k) W^(k) + b^(k), (N, n_{k+1})
+        act = activations[k]
+        if act.derivative_from == "z":
+            pre_activations.append(z)
+        h = act.forward(z)  # h^(k+1) = σ(z^(k+1))
+        if k < depth - 1:
+            hidden.append(h)
+            if masks[k] is not None:
+                h = h * masks[k]  # h^(k+1) ⊙ m^(k+1)
+    return (h, *hidden, *pre_activations)
+
+
+def _save_for_backward(
+    ctx: Any, inputs: Sequence[Any], h_last: Tensor, intermediates: Sequence[Tensor]
+) -> None:
+    x, activations, recompute, backward_phase, *params = inputs
+    ctx.set_materialize_grads(False)
+    ctx.activations, ctx.recompute, ctx.backward_phase = activations, recompute, backward_phase
+    device_type = x.device.type
+    ctx.autocast = (
+        device_type,
+        torch.is_autocast_enabled(device_type),
+        torch.get_autocast_dtype(device_type),
+    )
+    ctx.compute_dtype = _compute_dtype(x, params[0])
+    # Parameters are saved by reference (no copy; they live anyway), so that create_graph=True
+    # can rerun the forward phase.
+    if recompute:
+        ctx.save_for_backward(x, *params)
+    else:
+        keep_output = activations[-1].derivative_from == "h"
+        ctx.save_for_backward(x, *params, h_last if keep_output else None, *intermediates)
+
+
+def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
 def _no_autocast(device_type: str) -> contextlib.AbstractContextManager[Any]:
@@ -200,17 +279,16 @@ class Tape(NamedTuple):
         h: h^(0), ..., h^(L-1), the layer inputs; h[l] is (N, n_l).
         sigma_input: for l = 1, ..., L (at index l - 1), the tensor σ'_l reads: h^(l), z^(l) or None.
         weights: W^(0)ᵀ, ..., W^(L-1)ᵀ (nn.Linear layout).
-        biases: b^(0), ..., b^(L-1) (or None).
         masks: dropout masks m^(1), ..., m^(L-1) (or None).
         activations: σ_1, ..., σ_L.
-        dtype: the dtype the products run in (autocast's, or the weights').
+        dtype: the dtype the products run in (autocast's, or the weights'): ``h`` and ``weights``
+            are in it, and so are the gradients the backward phase returns.
     """
 
     grad_output: Tensor
     h: Sequence[Tensor]
     sigma_input: Sequence[Tensor | None]
     weights: Sequence[Tensor]
-    biases: Sequence[Tensor | None]
     masks: Sequence[Tensor | None]
     activations: Sequence[Activation]
     dtype: torch.dtype
@@ -222,12 +300,12 @@ def deltas(tape: Tape, lowest: int = 0) -> Iterator[tuple[int, Tensor]]:
     A generator, so a caller can use each δ^(l+1) (for ∂W^(l), ∂b^(l)) before the next is made.
     """
     depth = len(tape.activations)
-    delta = tape.activations[-1].backprop(tape.grad_output, tape.sigma_input[-1]).to(tape.dtype)  # BP1
+    delta = _cast(tape.activations[-1].backprop(tape.grad_output, tape.sigma_input[-1]), tape.dtype)  # BP1
     for k in reversed(range(lowest, depth)):
         yield k, delta  # δ^(k+1), (N, n_{k+1})
         if k == lowest:
             return
-        back = delta.mm(tape.weights[k].to(tape.dtype))  # δ^(k+1) W^(k)ᵀ, (N, n_k)
+        back = delta.mm(tape.weights[k])  # δ^(k+1) W^(k)ᵀ, (N, n_k)
         if tape.masks[k - 1] is not None:
             back = back * tape.masks[k - 1]
         delta = tape.activations[k - 1].backprop(back, tape.sigma_input[k - 1])  # BP2, δ^(k): (N, n_k)
@@ -252,9 +330,9 @@ def backward_phase(
         return grad_x, grad_weights, grad_biases
     for k, delta in deltas(tape, lowest):
         if needs_weight[k]:
-            grad_weights[k] = delta.t().mm(tape.h[k].to(tape.dtype)).to(tape.weights[k].dtype)  # BP3
+            grad_weights[k] = delta.t().mm(tape.h[k])  # BP3, (n_{k+1}, n_k)
         if needs_bias[k]:
-            grad_biases[k] = delta.sum(0).to(tape.biases[k].dtype)  # BP4, (n_{k+1},)
+            grad_biases[k] = delta.sum(0)  # BP4, (n_{k+1},)
         if k == 0 and needs_x:
-            grad_x = delta.mm(tape.weights[0].to(tape.dtype)).to(tape.h[0].dtype)  # BP5, (N, n_0)
+            grad_x = delta.mm(tape.weights[0])  # BP5, (N, n_0)
     return grad_x, grad_weights, grad_biases

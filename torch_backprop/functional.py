@@ -14,9 +14,9 @@ import torch
 from torch import Tensor
 
 from .activations import Activation, ActivationLike, resolve_activations
-from .function import MLPFunction, _compute_dtype
+from .function import _compute_dtype, apply_mlp
 
-__all__ = ["check_input", "mlp"]
+__all__ = ["check_input", "checked_mlp", "dropout_masks", "mlp"]
 
 
 def check_input(input: Tensor, weight: Tensor, caller: str = "mlp") -> None:
@@ -127,14 +127,27 @@ def mlp(
     if biases is None:
         biases = [None] * len(weights)
     _check_parameters(weights, biases, dropout)
-    acts: tuple[Activation, ...] = resolve_activations(activations, len(weights))
+    acts = resolve_activations(activations, len(weights))
     check_input(input, weights[0])
+    return checked_mlp(input, weights, biases, acts, dropout, training, recompute, backward_phase)
 
+
+def checked_mlp(
+    input: Tensor,
+    weights: Sequence[Tensor],
+    biases: Sequence[Tensor | None],
+    activations: tuple[Activation, ...],
+    dropout: float,
+    training: bool,
+    recompute: bool,
+    backward_phase: Callable[..., Any] | None,
+) -> Tensor:
+    """:func:`mlp` for arguments already checked (as BackpropMLP's are): no checks, no conversions."""
     x = input.reshape(-1, input.shape[-1])
     if training and dropout > 0 and len(weights) > 1:
         widths = [weight.shape[0] for weight in weights[:-1]]
         masks = dropout_masks(x.shape[0], widths, dropout, _compute_dtype(x, weights[0]), x.device)
     else:
         masks = [None] * (len(weights) - 1)
-    h_last, *_ = MLPFunction.apply(x, acts, recompute, backward_phase, *weights, *biases, *masks)
+    h_last = apply_mlp(x, activations, recompute, backward_phase, *weights, *biases, *masks)
     return h_last.reshape(*input.shape[:-1], h_last.shape[-1])

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .activations import Activation, ActivationLike, activation_from_module, resolve_activations
-from .functional import check_input, mlp
+from .functional import check_input, checked_mlp
 
 __all__ = ["BackpropMLP"]
 
@@ -116,16 +116,17 @@ class BackpropMLP(nn.Module):
 
     def forward(self, input: Tensor) -> Tensor:
         """The stack's output; its backward is the slides' δ recursion."""
-        check_input(input, self.layers[0].weight, "BackpropMLP")
-        return mlp(
+        layers = self.layers
+        check_input(input, layers[0].weight, "BackpropMLP")
+        return checked_mlp(
             input,
-            [layer.weight for layer in self.layers],
-            [layer.bias for layer in self.layers],
+            [layer.weight for layer in layers],
+            [layer.bias for layer in layers],
             self.activations,
-            dropout=self.dropout,
-            training=self.training,
-            recompute=self.recompute,
-            backward_phase=self.backward_phase,
+            self.dropout,
+            self.training,
+            self.recompute,
+            self.backward_phase,
         )
 
     def extra_repr(self) -> str:
