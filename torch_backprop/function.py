@@ -219,12 +219,9 @@ def _save_for_backward(
     ctx.set_materialize_grads(False)
     ctx.activations, ctx.recompute, ctx.backward_phase = activations, recompute, backward_phase
     device_type = x.device.type
-    ctx.autocast = (
-        device_type,
-        torch.is_autocast_enabled(device_type),
-        torch.get_autocast_dtype(device_type),
-    )
-    ctx.compute_dtype = _compute_dtype(x, params[0])
+    autocast = torch.is_autocast_enabled(device_type)
+    ctx.autocast = (device_type, autocast, torch.get_autocast_dtype(device_type) if autocast else None)
+    ctx.compute_dtype = _compute_dtype(x, params[0]) if autocast else params[0].dtype
     # Parameters are saved by reference (no copy; they live anyway), so that create_graph=True
     # can rerun the forward phase.
     if recompute:

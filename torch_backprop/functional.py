@@ -143,11 +143,12 @@ def checked_mlp(
     backward_phase: Callable[..., Any] | None,
 ) -> Tensor:
     """:func:`mlp` for arguments already checked (as BackpropMLP's are): no checks, no conversions."""
-    x = input.reshape(-1, input.shape[-1])
+    rows = input.dim() == 2
+    x = input if rows else input.reshape(-1, input.shape[-1])
     if training and dropout > 0 and len(weights) > 1:
         widths = [weight.shape[0] for weight in weights[:-1]]
         masks = dropout_masks(x.shape[0], widths, dropout, _compute_dtype(x, weights[0]), x.device)
     else:
         masks = [None] * (len(weights) - 1)
     h_last = apply_mlp(x, activations, recompute, backward_phase, *weights, *biases, *masks)
-    return h_last.reshape(*input.shape[:-1], h_last.shape[-1])
+    return h_last if rows else h_last.reshape(*input.shape[:-1], h_last.shape[-1])
