@@ -25,12 +25,15 @@ class GradientError:
         max_abs: max |model - reference|.
         max_rel: max |model - reference| / |reference| over the entries where reference ≠ 0.
         shape: the tensor's shape.
+        scale: max |reference|, so that ``max_abs / scale`` is the error relative to the tensor's size
+            (elementwise ``max_rel`` is large wherever the reference is nearly 0).
     """
 
     name: str
     max_abs: float
     max_rel: float
     shape: tuple[int, ...]
+    scale: float = 0.0
 
 
 def _seeded_loss(output: Tensor) -> Tensor:
@@ -55,7 +58,8 @@ def _errors(name: str, actual: Tensor, expected: Tensor) -> GradientError:
     nonzero = scale > 0
     max_abs = diff.max().item() if diff.numel() else 0.0
     max_rel = (diff[nonzero] / scale[nonzero]).max().item() if nonzero.any() else 0.0
-    return GradientError(name, max_abs, max_rel, tuple(actual.shape))
+    scale_max = scale.max().item() if scale.numel() else 0.0
+    return GradientError(name, max_abs, max_rel, tuple(actual.shape), scale_max)
 
 
 def _gradient_pairs(
