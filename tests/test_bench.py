@@ -183,6 +183,8 @@ def test_command_line(tmp_path, capsys) -> None:
         "--threads",
         "1",
         "--no-compile",
+        "--timer",
+        "cpu",
         "--json",
         str(json_path),
     ]
@@ -197,6 +199,7 @@ def test_command_line(tmp_path, capsys) -> None:
     check_report(report, cases=1, compiled=False)
     check_table(capsys.readouterr().out, report)
     assert report["cases"][0]["name"] == "8-16-16-1@32 tanh float32"
+    assert report["settings"]["timer"] == "cpu"
 
 
 @pytest.mark.slow

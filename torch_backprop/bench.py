@@ -141,6 +141,9 @@ class Settings:
         threads: intra-op threads for every measurement.
         rounds: measurements of each contender per case; the case reports their median.
         min_run_time: seconds per ``blocked_autorange`` measurement.
+        timer: ``"wall"`` (default; synchronises CUDA) or ``"cpu"``: the process's CPU time over all
+            its threads (``time.process_time``), which other processes on a shared CPU machine
+            stretch far less than wall time (CPU devices only).
         compile: time the ``torch.compile`` contender.
         larger_batches: on CUDA, also run each shape at ``CUDA_BATCH_FACTOR`` times its batch.
         seed: seed of the parameters and data.
@@ -153,6 +156,7 @@ class Settings:
     threads: int = field(default_factory=torch.get_num_threads)
     rounds: int = 5
     min_run_time: float = 0.2
+    timer: str = "wall"
     compile: bool = True
     larger_batches: bool = True
     seed: int = 0
@@ -224,6 +228,9 @@ def saved_bytes(forward: Callable[[], Any], exclude: Iterable[Tensor] = ()) -> i
     return sum(storages.values())
 
 
+TIMERS: dict[str, Callable[[], float]] = {"wall": benchmark.utils.timer.timer, "cpu": time.process_time}
+
+
 def interleaved_medians(
     steps: dict[str, Callable[[], Any]],
     *,
@@ -231,6 +238,7 @@ def interleaved_medians(
     min_run_time: float,
     threads: int,
     label: str = "",
+    timer: str = "wall",
 ) -> dict[str, dict[str, Any]]:
     """Median step time of each contender, measured interleaved over ``rounds`` rounds.
 
@@ -244,6 +252,7 @@ def interleaved_medians(
         min_run_time: seconds per measurement.
         threads: intra-op threads during the measurements.
         label: the Timer's label (shown in its repr only).
+        timer: ``"wall"`` or ``"cpu"`` (see :class:`Settings`).
 
     Returns:
         name -> ``{"median_s": median of the round medians, "rounds_s": [round medians]}``.
@@ -251,7 +260,12 @@ def interleaved_medians(
     names = list(steps)
     timers = {
         name: benchmark.Timer(
-            stmt="step()", globals={"step": step}, num_threads=threads, label=label, description=name
+            stmt="step()",
+            globals={"step": step},
+            timer=TIMERS[timer],
+            num_threads=threads,
+            label=label,
+            description=name,
         )
         for name, step in steps.items()
     }
@@ -382,6 +396,7 @@ def _prepare(case: Case, settings: Settings, log: Callable[[str], None]) -> _Pre
         name: benchmark.Timer(
             stmt="step()",
             globals={"step": step},
+            timer=TIMERS[settings.timer],
             num_threads=settings.threads,
             label=case.name,
             description=name,
@@ -615,6 +630,7 @@ def run_benchmark(
             "threads": settings.threads,
             "rounds": settings.rounds,
             "min_run_time": settings.min_run_time,
+            "timer": settings.timer,
             "compile": settings.compile,
             "larger_batches": settings.larger_batches,
             "seed": settings.seed,
@@ -818,6 +834,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--min-run-time", type=float, help="seconds per measurement (default 0.2; 0.05 with --quick)"
     )
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile contender")
+    parser.add_argument(
+        "--timer",
+        choices=sorted(TIMERS),
+        default="wall",
+        help="wall time (default) or the process's CPU time, which load from other processes on a "
+        "shared CPU machine distorts far less",
+    )
     parser.add_argument("--no-larger-batches", action="store_true", help="on CUDA, skip the 8x batches")
     parser.add_argument(
         "--section",
@@ -850,6 +873,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     unknown = [d for d in dtypes if d not in _DTYPES]
     if unknown:
         raise ValueError(f"--dtypes takes {', '.join(_DTYPES)}, got {', '.join(unknown)}")
+    if args.timer == "cpu" and device.type != "cpu":
+        raise ValueError(f"--timer cpu measures host CPU time; use the wall timer on {device}")
     rounds = args.rounds if args.rounds is not None else (2 if args.quick else 5)
     min_run_time = args.min_run_time if args.min_run_time is not None else (0.05 if args.quick else 0.2)
     threads = args.threads if args.threads is not None else torch.get_num_threads()
@@ -869,6 +894,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         rounds=rounds,
         min_run_time=min_run_time,
         compile=not args.no_compile,
+        timer=args.timer,
         larger_batches=not args.no_larger_batches,
         seed=args.seed,
     )
@@ -898,7 +924,7 @@ def run(args: argparse.Namespace) -> int:
     machine = report["machine"]
     print(
         f"torch_backprop bench: {machine['cpu']}, {machine['threads']} threads, {machine['device']}, "
-        f"torch {machine['torch']}; medians of {settings.rounds} interleaved rounds\n"
+        f"torch {machine['torch']}; {settings.timer} time, medians of {settings.rounds} interleaved rounds\n"
     )
     print(format_table(report))
     if args.json:
