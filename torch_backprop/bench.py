@@ -758,11 +758,12 @@ def plot_ratios(report: dict[str, Any], path: str | os.PathLike[str]) -> None:
         positions = [j + (i - (len(keys) - 1) / 2) * width for j in range(len(cases))]
         axes.bar(positions, heights, width, label=key)
     axes.axhline(1.0, color="black", linewidth=0.8)
+    axes.set_yscale("log")  # ratios: 0.5x and 2x sit equally far from 1, and outliers stay on the chart
     axes.set_xticks(range(len(cases)))
     axes.set_xticklabels(
         [c["name"].replace(" float32", "") for c in cases], rotation=60, ha="right", fontsize=8
     )
-    axes.set_ylabel("step-time ratio")
+    axes.set_ylabel("step-time ratio (log scale)")
     machine = report["machine"]
     axes.set_title(
         f"torch_backprop step-time ratios ({machine['device']}, {machine['threads']} threads, "
