@@ -72,7 +72,7 @@ def report() -> dict:
 
 
 def check_report(report: dict, cases: int, compiled: bool) -> None:
-    assert set(report) == {"machine", "settings", "cases", "summary", "sections"}
+    assert set(report) == {"machine", "settings", "cases", "summary"}
     assert {"cpu", "threads", "torch", "device"} <= set(report["machine"])
     assert len(report["cases"]) == cases
     for case in report["cases"]:
@@ -224,9 +224,3 @@ def test_parse_cases_rejects(text: str) -> None:
 
 def test_parse_cases() -> None:
     assert bench.parse_cases("784-256-10@64, 8-16-16-1@32") == [((784, 256, 10), 64), ((8, 16, 16, 1), 32)]
-
-
-def test_missing_section_is_a_clear_error(capsys, monkeypatch) -> None:
-    monkeypatch.setitem(bench.EXTRA_SECTIONS, "per-sample", "torch_backprop._no_such_module")
-    assert main(["bench", "--per-sample", "--no-grid", "--no-compile"]) == 2
-    assert "torch_backprop._no_such_module" in capsys.readouterr().err

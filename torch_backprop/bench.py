@@ -20,8 +20,7 @@ its rounds' medians. Memory is the bytes the forward saves for backward, counted
 ``torch.cuda.max_memory_allocated`` during one step.
 
 The loss is cross-entropy for classification-shaped outputs (width > 1) and mean squared error for
-width-1 outputs. Further sections (issue 5's per-sample benchmark) plug in through
-:data:`EXTRA_SECTIONS` and reuse :func:`interleaved_medians`, :func:`saved_bytes` and the writers.
+width-1 outputs. The per-sample / DP-SGD clipping benchmark is ``benchmarks/per_sample.py``.
 """
 
 from __future__ import annotations
@@ -29,8 +28,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import importlib
-import importlib.util
 import json
 import math
 import os
@@ -54,10 +51,8 @@ from .module import BackpropMLP
 __all__ = [
     "CONTENDERS",
     "DEFAULT_SHAPES",
-    "EXTRA_SECTIONS",
     "QUICK_SHAPES",
     "Case",
-    "Section",
     "Settings",
     "add_arguments",
     "format_table",
@@ -172,26 +167,6 @@ class Settings:
             for dtype in self.dtypes
             for activation in self.activations
         ]
-
-
-@dataclass
-class Section:
-    """A further part of the report, produced by a module listed in :data:`EXTRA_SECTIONS`.
-
-    Attributes:
-        title: heading printed above ``table``.
-        table: markdown, printed on stdout.
-        data: JSON-serialisable results, stored under ``report["sections"][name]``.
-    """
-
-    title: str
-    table: str
-    data: dict[str, Any]
-
-
-# name -> module defining ``run_section(settings: Settings, log: Callable[[str], None]) -> Section``;
-# imported only when chosen (``--section NAME``). Issue 5's per-sample / DP-SGD benchmark goes here.
-EXTRA_SECTIONS = {"per-sample": "torch_backprop.bench_per_sample"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -587,31 +562,20 @@ def _median(values: list[float]) -> float | None:
 def run_benchmark(
     settings: Settings,
     log: Callable[[str], None] = lambda _: None,
-    sections: Sequence[str] = (),
-    grid: bool = True,
 ) -> dict[str, Any]:
-    """Run the grid (and any further sections) and return the report (JSON-serialisable).
+    """Run the grid and return the report (JSON-serialisable).
 
     Args:
         settings: what to run.
         log: receives one line of progress per case.
-        sections: names from :data:`EXTRA_SECTIONS` to run after the grid.
-        grid: run the grid of cases.
 
     Returns:
-        ``{"machine", "settings", "cases", "summary", "sections"}``; ``summary`` holds the grid
+        ``{"machine", "settings", "cases", "summary"}``; ``summary`` holds the grid
         medians of each ratio and issue 4's targets.
     """
     machine = machine_info(settings.device, settings.threads)
-    cases: list[dict[str, Any]] = []
-    section_results: dict[str, Any] = {}
     with _threads(settings.threads):
-        if grid:
-            cases = measure_grid(settings.cases(), settings, log)
-        for name in sections:
-            module = importlib.import_module(EXTRA_SECTIONS[name])
-            section = module.run_section(settings, log)
-            section_results[name] = {"title": section.title, "table": section.table, "data": section.data}
+        cases = measure_grid(settings.cases(), settings, log)
     with contextlib.suppress(OSError, AttributeError):
         machine["load_average_end"] = list(os.getloadavg())
     summary = {
@@ -637,7 +601,6 @@ def run_benchmark(
         },
         "cases": cases,
         "summary": summary,
-        "sections": section_results,
     }
 
 
@@ -677,7 +640,7 @@ TABLE_COLUMNS = (
 
 
 def format_table(report: dict[str, Any]) -> str:
-    """The report as markdown: one row per case, a median row, then the targets and sections.
+    """The report as markdown: one row per case, a median row, then the targets.
 
     Times are medians in milliseconds; "saved" is bytes saved for backward, activations only
     (parameters, saved alike by every contender, excluded); peak CUDA memory follows when measured.
@@ -702,8 +665,6 @@ def format_table(report: dict[str, Any]) -> str:
         for target in report["summary"]["targets"]:
             met = {True: "yes", False: "**no**", None: "–"}[target["met"]]
             lines.append(f"| {target['target']} | {_x(target['value'])} | {target['bound']:.2f} | {met} |")
-    for section in report["sections"].values():
-        lines += ["", f"### {section['title']}", "", section["table"]]
     return "\n".join(lines)
 
 
@@ -843,15 +804,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "shared CPU machine distorts far less",
     )
     parser.add_argument("--no-larger-batches", action="store_true", help="on CUDA, skip the 8x batches")
-    parser.add_argument(
-        "--section",
-        action="append",
-        default=[],
-        choices=sorted(EXTRA_SECTIONS),
-        help="also run this further section (repeatable)",
-    )
-    parser.add_argument("--per-sample", action="store_true", help="same as --section per-sample")
-    parser.add_argument("--no-grid", action="store_true", help="run only the chosen sections")
     parser.add_argument("--seed", type=int, default=0, help="seed of parameters and data (default 0)")
     parser.add_argument("--json", metavar="FILE", help="also write the report as JSON")
     parser.add_argument("--plot", metavar="FILE.png", help="also write a bar chart of the ratios")
@@ -908,20 +860,11 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"torch-backprop bench: {error}", file=sys.stderr)
         return 2
-    sections = list(dict.fromkeys(args.section + (["per-sample"] if args.per_sample else [])))
-    for name in sections:
-        if importlib.util.find_spec(EXTRA_SECTIONS[name]) is None:
-            print(
-                f"torch-backprop bench: section {name!r} needs {EXTRA_SECTIONS[name]}, which is not "
-                f"installed yet",
-                file=sys.stderr,
-            )
-            return 2
 
     def log(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
-    report = run_benchmark(settings, log, sections=sections, grid=not args.no_grid)
+    report = run_benchmark(settings, log)
     machine = report["machine"]
     print(
         f"torch_backprop bench: {machine['cpu']}, {machine['threads']} threads, {machine['device']}, "
