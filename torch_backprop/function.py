@@ -124,7 +124,8 @@ class MLPFunction(torch.autograd.Function):
             # differentiable in x, W and b), in the autocast state the forward ran in.
             device_type, enabled, dtype = ctx.autocast
             with torch.autocast(device_type, dtype=dtype, enabled=enabled):
-                h_last, *intermediates = forward_phase(x, activations, *params)
+                output = activations[-1].derivative_from != "none"  # else BP1 does not read h^(L)
+                h_last, *intermediates = forward_phase(x, activations, *params, output=output)
         else:
             h_last, *intermediates = rest[3 * depth - 1 :]
 
@@ -189,17 +190,20 @@ def apply_mlp(
     return _EagerMLPFunction.apply(x, activations, recompute, backward_phase, *params)
 
 
-def forward_phase(x: Tensor, activations: Sequence[Activation], *params: Tensor | None) -> tuple[Tensor, ...]:
+def forward_phase(
+    x: Tensor, activations: Sequence[Activation], *params: Tensor | None, output: bool = True
+) -> tuple[Tensor | None, ...]:
     """The slides' forward phase: ``(h^(L), *hidden, *pre_activations)``.
 
     ``hidden`` is h^(1), ..., h^(L-1) before dropout (σ' and ∂W read them); ``pre_activations`` is
-    z^(l) for the layers whose σ' reads z, in layer order.
+    z^(l) for the layers whose σ' reads z, in layer order. With ``output=False`` (a rerun for the
+    backward phase, when σ'_L is 1) the last layer's product is skipped and h^(L) is ``None``.
     """
     depth = len(activations)
     weights, biases, masks = _split(params, depth)
     hidden, pre_activations = [], []
     h = x
-    for k in range(depth):
+    for k in range(depth if output else depth - 1):
         z = F.linear(h, weights[k], biases[k])  # z^(k+1) = h^(k) W^(k) + b^(k), (N, n_{k+1})
         act = activations[k]
         if act.derivative_from == "z":
@@ -209,7 +213,7 @@ def forward_phase(x: Tensor, activations: Sequence[Activation], *params: Tensor 
             hidden.append(h)
             if masks[k] is not None:
                 h = h * masks[k]  # h^(k+1) ⊙ m^(k+1)
-    return (h, *hidden, *pre_activations)
+    return (h if output else None, *hidden, *pre_activations)
 
 
 def _save_for_backward(
