@@ -131,15 +131,12 @@ class MLPFunction(torch.autograd.Function):
 
         h, sigma_input = _layer_tensors(x, h_last, intermediates, activations, masks)
         dtype = ctx.compute_dtype  # the backward phase runs in the forward's dtype, as native autograd's does
-        tape = Tape(
-            grad_output,
-            [_cast(t, dtype) for t in h],
-            sigma_input,
-            [_cast(t, dtype) for t in weights],
-            masks,
-            activations,
-            dtype,
-        )
+        mixed = ctx.autocast[1]  # under autocast, cast into the compute dtype and back
+        if mixed:
+            h, weights_in_dtype = [_cast(t, dtype) for t in h], [_cast(t, dtype) for t in weights]
+        else:
+            weights_in_dtype = weights
+        tape = Tape(grad_output, h, sigma_input, weights_in_dtype, masks, activations, dtype)
         needs = ctx.needs_input_grad[4:]
         with _no_autocast(x.device.type):
             grad_x, grad_weights, grad_biases = (ctx.backward_phase or backward_phase)(
@@ -148,15 +145,11 @@ class MLPFunction(torch.autograd.Function):
                 needs_weight=needs[:depth],
                 needs_bias=needs[depth : 2 * depth],
             )
-        return (
-            _cast(grad_x, x.dtype),
-            None,
-            None,
-            None,
-            *(_cast(g, w.dtype) for g, w in zip(grad_weights, weights)),
-            *(_cast(g, b.dtype) if b is not None else None for g, b in zip(grad_biases, biases)),
-            *(None,) * (depth - 1),
-        )
+        if mixed:
+            grad_x = _cast(grad_x, x.dtype)
+            grad_weights = [_cast(g, w.dtype) for g, w in zip(grad_weights, weights)]
+            grad_biases = [_cast(g, b.dtype) if b is not None else None for g, b in zip(grad_biases, biases)]
+        return (grad_x, None, None, None, *grad_weights, *grad_biases, *(None,) * (depth - 1))
 
 
 class _EagerMLPFunction(torch.autograd.Function):
