@@ -4,10 +4,10 @@ Tolerances are named once here, per dtype, separately for outputs and gradients 
 ``helper_test_op`` does). Where each number comes from:
 
 * float64: both sides run the same products in a different association order at most; errors are a
-  few ulps (2.2e-16 each) times the depth, so 1e-12 leaves three orders of margin. The issue's
+  few ulps (2.2e-16 each) times the depth, so 1e-12 leaves three orders of margin. The project's
   bound for float64 is 1e-12 relative.
 * float32: same reasoning with ulp 1.2e-7; accumulation over up to a few hundred terms gives ~1e-6,
-  hence 1e-5 for gradients (the issue's bound) and 1e-6 for outputs (one product chain fewer).
+  hence 1e-5 for gradients (the project's bound) and 1e-6 for outputs (one product chain fewer).
 * bfloat16 / float16: one rounding of the result is 3.9e-3 (bf16) / 4.9e-4 (fp16) relative; the
   same kernels run on both sides, but a different summation or rounding order may move an entry
   by a few of those roundings, so 2e-2 / 4e-3 relative, with an absolute floor for entries near 0.

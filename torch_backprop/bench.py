@@ -1,6 +1,6 @@
 """``torch-backprop bench``: one training step of BackpropMLP against native autograd and its floor.
 
-The benchmark of issue 4. For each case of a grid (widths, batch, activation, dtype) it times one
+The project's step-time benchmark. For each case of a grid (widths, batch, activation, dtype) it times one
 training step (zero the gradients, forward, loss, backward) of five contenders, interleaved and
 repeated because shared machines are noisy:
 
@@ -79,7 +79,7 @@ RATIOS = {
     "recompute/manual": ("recompute", "manual"),
 }
 
-# The grid of issue 4: (widths, batch).
+# The default grid: (widths, batch).
 DEFAULT_SHAPES: tuple[tuple[tuple[int, ...], int], ...] = (
     ((784, 256, 10), 64),
     ((784, 256, 10), 512),
@@ -522,7 +522,7 @@ def machine_info(device: str, threads: int) -> dict[str, Any]:
 
 
 def _targets(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Issue 4's targets, each with its measured value and whether it is met."""
+    """The project's performance targets, each with its measured value and whether it is met."""
     targets: list[dict[str, Any]] = []
 
     def add(name: str, value: float | None, bound: float, at_most: bool) -> None:
@@ -571,7 +571,7 @@ def run_benchmark(
 
     Returns:
         ``{"machine", "settings", "cases", "summary"}``; ``summary`` holds the grid
-        medians of each ratio and issue 4's targets.
+        medians of each ratio and the performance targets.
     """
     machine = machine_info(settings.device, settings.threads)
     with _threads(settings.threads):
