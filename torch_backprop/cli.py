@@ -11,7 +11,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-__all__ = ["main"]
+__all__ = ["main", "positive_ints"]
 
 # name -> (module, one-line help)
 SUBCOMMANDS = {
@@ -19,6 +19,24 @@ SUBCOMMANDS = {
     "verify": ("torch_backprop.verify", "check the manual backward against native autograd"),
     "bench": ("torch_backprop.bench", "time a training step against autograd and torch.compile"),
 }
+
+
+def positive_ints(text: str, *, what: str, example: str, at_least: int = 0) -> list[int]:
+    """Parse ``"784,256,10"`` into positive integers (an argparse ``type``), naming ``what`` in errors.
+
+    Raises:
+        argparse.ArgumentTypeError: not integers, a non-positive entry, or fewer than ``at_least``.
+    """
+    try:
+        values = [int(part) for part in text.replace(" ", "").split(",") if part]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated {what} such as {example}, got {text!r}"
+        ) from None
+    if len(values) < at_least or any(n <= 0 for n in values):
+        need = f"at least {at_least} " if at_least else ""
+        raise argparse.ArgumentTypeError(f"expected {need}positive {what}, got {text!r}")
+    return values
 
 
 def main(argv: Sequence[str] | None = None) -> int:

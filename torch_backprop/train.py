@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from .activations import available_activations
+from .cli import positive_ints
 from .data import DATASETS, DataError, default_data_root, expected_files, load_dataset
 from .module import BackpropMLP
 
@@ -59,15 +60,7 @@ class ConfigError(ValueError):
 
 
 def _int_list(text: str) -> list[int]:
-    try:
-        widths = [int(part) for part in text.replace(" ", "").split(",") if part]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated widths such as 256,128, got {text!r}"
-        ) from None
-    if any(w <= 0 for w in widths):
-        raise argparse.ArgumentTypeError(f"widths must be positive, got {text!r}")
-    return widths
+    return positive_ints(text, what="widths", example="256,128")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -244,20 +237,14 @@ def _save_curves(history: list[dict[str, Any]], backends: list[str], path: Path)
     for backend, style in zip(backends, ("-", "--")):
         label = f"{backend} backward" if len(backends) > 1 else None
         rows = [row[backend] for row in history]
-        loss_axes.plot(
-            epochs,
-            [r["train_loss"] for r in rows],
-            style,
-            color="C0",
-            label=f"train ({backend})" if label else "train",
-        )
-        loss_axes.plot(
-            epochs,
-            [r["test_loss"] for r in rows],
-            style,
-            color="C1",
-            label=f"test ({backend})" if label else "test",
-        )
+        for split, color in (("train", "C0"), ("test", "C1")):
+            loss_axes.plot(
+                epochs,
+                [r[f"{split}_loss"] for r in rows],
+                style,
+                color=color,
+                label=f"{split} ({backend})" if label else split,
+            )
         accuracy_axes.plot(
             epochs, [100 * r["test_accuracy"] for r in rows], style, marker="o", markersize=3, label=label
         )

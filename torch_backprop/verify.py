@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .activations import available_activations
+from .cli import positive_ints
 from .function import Tape, backward_phase, deltas
 from .functional import mlp
 from .module import BackpropMLP
@@ -35,15 +36,7 @@ _GRADCHECK_FULL_LIMIT = 2000  # parameters + inputs up to which gradcheck builds
 
 
 def _int_list(text: str) -> list[int]:
-    try:
-        sizes = [int(part) for part in text.replace(" ", "").split(",") if part]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated sizes such as 784,256,10, got {text!r}"
-        ) from None
-    if len(sizes) < 2 or any(n <= 0 for n in sizes):
-        raise argparse.ArgumentTypeError(f"expected at least two positive sizes (in, out), got {text!r}")
-    return sizes
+    return positive_ints(text, what="sizes", example="784,256,10", at_least=2)
 
 
 def _activation_list(text: str) -> list[str]:
