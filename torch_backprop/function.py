@@ -8,7 +8,6 @@ style PyTorch's extending guide asks of functions that ``torch.func`` transforms
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
@@ -111,45 +110,60 @@ class MLPFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor | None, *_: Tensor | None) -> tuple[Tensor | None, ...]:
-        activations = ctx.activations
-        depth = len(activations)
-        x, *rest = ctx.saved_tensors
-        params = rest[: 3 * depth - 1]
-        weights, biases, masks = _split(params, depth)
+        depth = len(ctx.activations)
         if grad_output is None:
-            return (None,) * (len(params) + 4)
-
-        if ctx.recompute or torch.is_grad_enabled():
-            # Rerun the forward (under autograd when create_graph=True, so the recursion below is
-            # differentiable in x, W and b), in the autocast state the forward ran in.
-            device_type, enabled, dtype = ctx.autocast
-            with torch.autocast(device_type, dtype=dtype, enabled=enabled):
-                output = activations[-1].derivative_from != "none"  # else BP1 does not read h^(L)
-                h_last, *intermediates = forward_phase(x, activations, *params, output=output)
+            return (None,) * (3 * depth + 3)
+        tape = _tape(ctx, grad_output)
+        needs = ctx.needs_input_grad
+        phase = ctx.backward_phase or backward_phase
+        device_type, mixed, _ = ctx.autocast
+        if torch.is_autocast_enabled(device_type):
+            # The backward phase casts explicitly, as native autograd's does; a backward called
+            # inside an autocast region must not recast it.
+            with torch.autocast(device_type, enabled=False):
+                grad_x, grad_weights, grad_biases = phase(
+                    tape, needs_x=needs[0], needs_weight=needs[4 : 4 + depth], needs_bias=needs[4 + depth :]
+                )
         else:
-            h_last, *intermediates = rest[3 * depth - 1 :]
-
-        h, sigma_input = _layer_tensors(x, h_last, intermediates, activations, masks)
-        dtype = ctx.compute_dtype  # the backward phase runs in the forward's dtype, as native autograd's does
-        mixed = ctx.autocast[1]  # under autocast, cast into the compute dtype and back
-        if mixed:
-            h, weights_in_dtype = [_cast(t, dtype) for t in h], [_cast(t, dtype) for t in weights]
-        else:
-            weights_in_dtype = weights
-        tape = Tape(grad_output, h, sigma_input, weights_in_dtype, masks, activations, dtype)
-        needs = ctx.needs_input_grad[4:]
-        with _no_autocast(x.device.type):
-            grad_x, grad_weights, grad_biases = (ctx.backward_phase or backward_phase)(
-                tape,
-                needs_x=ctx.needs_input_grad[0],
-                needs_weight=needs[:depth],
-                needs_bias=needs[depth : 2 * depth],
+            grad_x, grad_weights, grad_biases = phase(
+                tape, needs_x=needs[0], needs_weight=needs[4 : 4 + depth], needs_bias=needs[4 + depth :]
             )
-        if mixed:
+        if mixed:  # under autocast, cast back from the compute dtype
+            x, *params = ctx.saved_tensors[: 3 * depth]
+            weights, biases, _ = _split(params, depth)
             grad_x = _cast(grad_x, x.dtype)
             grad_weights = [_cast(g, w.dtype) for g, w in zip(grad_weights, weights)]
             grad_biases = [_cast(g, b.dtype) if b is not None else None for g, b in zip(grad_biases, biases)]
         return (grad_x, None, None, None, *grad_weights, *grad_biases, *(None,) * (depth - 1))
+
+
+def _tape(ctx: Any, grad_output: Tensor) -> Tape:
+    """The :class:`Tape` of a forward call: from its saved tensors, or from a rerun of its forward phase."""
+    activations = ctx.activations
+    depth = len(activations)
+    x, *saved = ctx.saved_tensors
+    params = saved[: 3 * depth - 1]
+    if ctx.recompute or torch.is_grad_enabled():
+        # Rerun the forward (under autograd when create_graph=True, so the recursion is
+        # differentiable in x, W and b), in the autocast state the forward ran in.
+        device_type, enabled, dtype = ctx.autocast
+        with torch.autocast(device_type, dtype=dtype, enabled=enabled):
+            output = activations[-1].derivative_from != "none"  # else BP1 does not read h^(L)
+            h_last, *intermediates = forward_phase(x, activations, *params, output=output)
+    else:
+        h_last, *intermediates = saved[3 * depth - 1 :]
+    hidden, pre_activations = intermediates[: depth - 1], iter(intermediates[depth - 1 :])
+    # σ'_l reads z^(l), h^(l) or nothing
+    sigma_input = [
+        next(pre_activations) if act.derivative_from == "z" else h if act.derivative_from == "h" else None
+        for act, h in zip(activations, (*hidden, h_last))
+    ]
+    weights, masks = params[:depth], params[2 * depth :]
+    h = [x, *(a if m is None else a * m for a, m in zip(hidden, masks))]  # h^(l) ⊙ m^(l)
+    dtype = ctx.compute_dtype  # the backward phase runs in the forward's dtype, as native autograd's does
+    if ctx.autocast[1]:  # under autocast, cast into the compute dtype
+        h, weights = [_cast(t, dtype) for t in h], [_cast(t, dtype) for t in weights]
+    return Tape(grad_output, h, sigma_input, weights, masks, activations, dtype)
 
 
 class _EagerMLPFunction(torch.autograd.Function):
@@ -230,39 +244,6 @@ def _save_for_backward(
 
 def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return t if t is None or t.dtype == dtype else t.to(dtype)
-
-
-def _no_autocast(device_type: str) -> contextlib.AbstractContextManager[Any]:
-    # The backward phase casts explicitly, as native autograd's backward does; a backward called
-    # inside an autocast region must not recast it.
-    if torch.is_autocast_enabled(device_type):
-        return torch.autocast(device_type, enabled=False)
-    return contextlib.nullcontext()
-
-
-def _layer_tensors(
-    x: Tensor,
-    h_last: Tensor,
-    intermediates: Sequence[Tensor],
-    activations: Sequence[Activation],
-    masks: Sequence[Tensor | None],
-) -> tuple[list[Tensor], list[Tensor | None]]:
-    """h^(0..L-1) (layer inputs) and, for l = 1..L, the tensor σ'_l reads (h^(l), z^(l) or None)."""
-    depth = len(activations)
-    hidden, pre_activations = intermediates[: depth - 1], iter(intermediates[depth - 1 :])
-    outputs = [*hidden, h_last]
-    sigma_input = []
-    for k, act in enumerate(activations):
-        if act.derivative_from == "z":
-            sigma_input.append(next(pre_activations))
-        elif act.derivative_from == "h":
-            sigma_input.append(outputs[k])
-        else:
-            sigma_input.append(None)
-    h = [x]
-    for a, mask in zip(hidden, masks):
-        h.append(a if mask is None else a * mask)
-    return h, sigma_input
 
 
 class Tape(NamedTuple):
