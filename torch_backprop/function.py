@@ -104,9 +104,9 @@ class MLPFunction(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
-        h_last, *intermediates = output
-        ctx.mark_non_differentiable(*intermediates)
-        _save_for_backward(ctx, inputs, h_last, intermediates)
+        ctx.mark_non_differentiable(*output[1:])
+        x, activations, recompute, backward_phase, *params = inputs
+        _save_for_backward(ctx, x, activations, recompute, backward_phase, params, output)
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor | None, *_: Tensor | None) -> tuple[Tensor | None, ...]:
@@ -141,25 +141,28 @@ def _tape(ctx: Any, grad_output: Tensor) -> Tape:
     """The :class:`Tape` of a forward call: from its saved tensors, or from a rerun of its forward phase."""
     activations = ctx.activations
     depth = len(activations)
-    x, *saved = ctx.saved_tensors
-    params = saved[: 3 * depth - 1]
+    saved = ctx.saved_tensors  # x, W^(0..L-1), b^(0..L-1), m^(1..L-1), then the forward phase's outputs
+    x, params = saved[0], saved[1 : 3 * depth]
     if ctx.recompute or torch.is_grad_enabled():
         # Rerun the forward (under autograd when create_graph=True, so the recursion is
         # differentiable in x, W and b), in the autocast state the forward ran in.
         device_type, enabled, dtype = ctx.autocast
         with torch.autocast(device_type, dtype=dtype, enabled=enabled):
             output = activations[-1].derivative_from != "none"  # else BP1 does not read h^(L)
-            h_last, *intermediates = forward_phase(x, activations, *params, output=output)
+            outputs = forward_phase(x, activations, *params, output=output)
     else:
-        h_last, *intermediates = saved[3 * depth - 1 :]
-    hidden, pre_activations = intermediates[: depth - 1], iter(intermediates[depth - 1 :])
+        outputs = saved[3 * depth :]
+    h_last, hidden, pre_activations = outputs[0], outputs[1:depth], iter(outputs[depth:])
     # σ'_l reads z^(l), h^(l) or nothing
     sigma_input = [
         next(pre_activations) if act.derivative_from == "z" else h if act.derivative_from == "h" else None
         for act, h in zip(activations, (*hidden, h_last))
     ]
     weights, masks = params[:depth], params[2 * depth :]
-    h = [x, *(a if m is None else a * m for a, m in zip(hidden, masks))]  # h^(l) ⊙ m^(l)
+    h = [x, *hidden]
+    for k, mask in enumerate(masks, start=1):
+        if mask is not None:
+            h[k] = h[k] * mask  # h^(k) ⊙ m^(k)
     dtype = ctx.compute_dtype  # the backward phase runs in the forward's dtype, as native autograd's does
     if ctx.autocast[1]:  # under autocast, cast into the compute dtype
         h, weights = [_cast(t, dtype) for t in h], [_cast(t, dtype) for t in weights]
@@ -175,11 +178,17 @@ class _EagerMLPFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, *inputs: Any) -> Tensor:
-        x, activations, _, _, *params = inputs
-        h_last, *intermediates = forward_phase(x, activations, *params)
-        _save_for_backward(ctx, inputs, h_last, intermediates)
-        return h_last
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        activations: tuple[Activation, ...],
+        recompute: bool,
+        backward_phase: Any,
+        *params: Tensor | None,
+    ) -> Tensor:
+        outputs = forward_phase(x, activations, *params)
+        _save_for_backward(ctx, x, activations, recompute, backward_phase, params, outputs)
+        return outputs[0]
 
     backward = MLPFunction.backward
 
@@ -192,7 +201,7 @@ def apply_mlp(
     *params: Tensor | None,
 ) -> Tensor:
     """h^(L) of ``MLPFunction.apply`` (same arguments), through the cheaper eager twin where allowed."""
-    if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return MLPFunction.apply(x, activations, recompute, backward_phase, *params)[0]
     return _EagerMLPFunction.apply(x, activations, recompute, backward_phase, *params)
 
@@ -207,39 +216,53 @@ def forward_phase(
     backward phase, when σ'_L is 1) the last layer's product is skipped and h^(L) is ``None``.
     """
     depth = len(activations)
-    weights, biases, masks = _split(params, depth)
     hidden, pre_activations = [], []
     h = x
     for k in range(depth if output else depth - 1):
-        z = F.linear(h, weights[k], biases[k])  # z^(k+1) = h^(k) W^(k) + b^(k), (N, n_{k+1})
+        z = F.linear(h, params[k], params[depth + k])  # z^(k+1) = h^(k) W^(k) + b^(k), (N, n_{k+1})
         act = activations[k]
         if act.derivative_from == "z":
             pre_activations.append(z)
         h = act.forward(z)  # h^(k+1) = σ(z^(k+1))
         if k < depth - 1:
             hidden.append(h)
-            if masks[k] is not None:
-                h = h * masks[k]  # h^(k+1) ⊙ m^(k+1)
+            mask = params[2 * depth + k]
+            if mask is not None:
+                h = h * mask  # h^(k+1) ⊙ m^(k+1)
     return (h if output else None, *hidden, *pre_activations)
 
 
 def _save_for_backward(
-    ctx: Any, inputs: Sequence[Any], h_last: Tensor, intermediates: Sequence[Tensor]
+    ctx: Any,
+    x: Tensor,
+    activations: tuple[Activation, ...],
+    recompute: bool,
+    backward_phase: Any,
+    params: Sequence[Tensor | None],
+    outputs: Sequence[Tensor | None],
 ) -> None:
-    x, activations, recompute, backward_phase, *params = inputs
+    """Keep what the backward phase reads: x, the parameters and (unless ``recompute``) ``outputs``.
+
+    ``outputs`` is the forward phase's ``(h^(L), *hidden, *pre_activations)``; h^(L) is kept only
+    where σ'_L reads it.
+    """
     ctx.set_materialize_grads(False)
     ctx.activations, ctx.recompute, ctx.backward_phase = activations, recompute, backward_phase
     device_type = x.device.type
-    autocast = torch.is_autocast_enabled(device_type)
-    ctx.autocast = (device_type, autocast, torch.get_autocast_dtype(device_type) if autocast else None)
-    ctx.compute_dtype = _compute_dtype(x, params[0]) if autocast else params[0].dtype
+    if torch.is_autocast_enabled(device_type):
+        ctx.autocast = (device_type, True, torch.get_autocast_dtype(device_type))
+        ctx.compute_dtype = _compute_dtype(x, params[0])
+    else:
+        ctx.autocast = (device_type, False, None)
+        ctx.compute_dtype = params[0].dtype
     # Parameters are saved by reference (no copy; they live anyway), so that create_graph=True
     # can rerun the forward phase.
     if recompute:
         ctx.save_for_backward(x, *params)
+    elif activations[-1].derivative_from == "h":
+        ctx.save_for_backward(x, *params, *outputs)
     else:
-        keep_output = activations[-1].derivative_from == "h"
-        ctx.save_for_backward(x, *params, h_last if keep_output else None, *intermediates)
+        ctx.save_for_backward(x, *params, None, *outputs[1:])
 
 
 def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
@@ -275,7 +298,9 @@ def deltas(tape: Tape, lowest: int = 0) -> Iterator[tuple[int, Tensor]]:
     A generator, so a caller can use each δ^(l+1) (for ∂W^(l), ∂b^(l)) before the next is made.
     """
     depth = len(tape.activations)
-    delta = _cast(tape.activations[-1].backprop(tape.grad_output, tape.sigma_input[-1]), tape.dtype)  # BP1
+    delta = tape.activations[-1].backprop(tape.grad_output, tape.sigma_input[-1])  # BP1, δ^(L): (N, n_L)
+    if delta.dtype != tape.dtype:
+        delta = delta.to(tape.dtype)
     for k in reversed(range(lowest, depth)):
         yield k, delta  # δ^(k+1), (N, n_{k+1})
         if k == lowest:
@@ -290,8 +315,10 @@ def lowest_layer(needs_x: bool, needs_weight: Sequence[bool], needs_bias: Sequen
     """The lowest layer the recursion must reach: 0 when ∂x is needed, L when nothing is."""
     if needs_x:
         return 0
-    wanted = [w or b for w, b in zip(needs_weight, needs_bias)]
-    return wanted.index(True) if True in wanted else len(wanted)
+    for k, (weight, bias) in enumerate(zip(needs_weight, needs_bias)):
+        if weight or bias:
+            return k
+    return len(needs_weight)
 
 
 def backward_phase(

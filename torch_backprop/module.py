@@ -116,12 +116,22 @@ class BackpropMLP(nn.Module):
 
     def forward(self, input: Tensor) -> Tensor:
         """The stack's output; its backward is the slides' δ recursion."""
-        layers = self.layers
-        check_input(input, layers[0].weight, "BackpropMLP")
+        # The registered submodules and parameters are read from their dicts: nn.Module.__getattr__
+        # costs about as much per lookup as a small layer's product.
+        weights, biases = [], []
+        for layer in self._modules["layers"]:
+            if type(layer) is nn.Linear:
+                params = layer._parameters
+                weights.append(params["weight"])
+                biases.append(params["bias"])
+            else:  # e.g. a parametrized layer (torch.nn.utils.parametrize), whose weight is computed
+                weights.append(layer.weight)
+                biases.append(layer.bias)
+        check_input(input, weights[0], "BackpropMLP")
         return checked_mlp(
             input,
-            [layer.weight for layer in layers],
-            [layer.bias for layer in layers],
+            weights,
+            biases,
             self.activations,
             self.dropout,
             self.training,
