@@ -278,3 +278,29 @@ def test_errors_are_not_asserts():
     # `python -O` strips asserts; the checks must be real exceptions (AssertionError is not one).
     with pytest.raises(ValueError):
         BackpropMLP([784, 10])(torch.randn(2, 3))
+
+
+class _Double(nn.Module):
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return 2 * weight
+
+
+def test_parametrized_and_reassigned_weights_are_the_ones_used():
+    # BackpropMLP reads plain layers' parameters from their registry; a parametrized layer
+    # (torch.nn.utils.parametrize) must still give its computed weight, and a reassigned
+    # parameter must replace the old one.
+    from torch.nn.utils import parametrize
+
+    torch.manual_seed(0)
+    model = BackpropMLP([5, 4, 3], "tanh", dtype=torch.float64)
+    model.layers[1].weight = nn.Parameter(torch.randn(3, 4, dtype=torch.float64))
+    native = model.to_sequential()
+    parametrize.register_parametrization(model.layers[0], "weight", _Double())
+    parametrize.register_parametrization(native[0], "weight", _Double())
+    x = torch.randn(6, 5, dtype=torch.float64)
+    out, grads = model(x), torch.autograd.grad(model(x).sum(), list(model.parameters()))
+    expected, expected_grads = native(x), torch.autograd.grad(native(x).sum(), list(native.parameters()))
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    assert len(grads) == len(expected_grads) == 4
+    for g, e in zip(grads, expected_grads):
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
