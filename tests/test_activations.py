@@ -32,6 +32,52 @@ def test_derivative_equals_autograd_derivative_of_sigma(name):
     torch.testing.assert_close(act.backprop(grad, saved), grad * expected, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize(
+    "act",
+    [get_activation(name) for name in available_activations()]
+    + [get_activation("leaky_relu", negative_slope=-0.5), get_activation("elu", alpha=-1.0)],
+    ids=repr,
+)
+def test_backprop_without_graph_and_into_a_fresh_gradient(act):
+    # The plain backward phase (no create_graph) takes the fused kernel, and for a gradient it has
+    # just made (overwrite=True) writes the product into that gradient: both must equal grad ⊙ σ'
+    # from autograd's derivative of σ.
+    z = torch.cat([torch.linspace(-30, 30, 301, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)])
+    z.requires_grad_()
+    (expected,) = torch.autograd.grad(act.fn(z).sum(), z)
+    z = z.detach()
+    saved = {"h": act.fn(z), "z": z, "none": None}[act.derivative_from]
+    grad = torch.randn_like(z)
+    with torch.no_grad():
+        torch.testing.assert_close(act.backprop(grad, saved), grad * expected, rtol=1e-10, atol=1e-12)
+        fresh = grad.clone()
+        result = act.backprop(fresh, saved, overwrite=True)
+    torch.testing.assert_close(result, grad * expected, rtol=1e-10, atol=1e-12)
+    assert result is fresh or act.derivative_from == "none"
+
+
+def test_overwrite_is_never_taken_when_the_result_must_be_differentiable():
+    act = get_activation("tanh")
+    h = torch.tanh(torch.randn(5, dtype=torch.float64))
+    grad = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    fresh = grad * 1
+    result = act.backprop(fresh, h, overwrite=True)  # grad mode on: create_graph's path
+    assert result is not fresh
+    (second,) = torch.autograd.grad(result.sum(), grad)
+    torch.testing.assert_close(second, 1 - h * h)
+
+
+def test_overwrite_with_a_user_activation_multiplies_in_place():
+    register_activation("square", lambda z: z * z, lambda z: 2 * z)
+    act = get_activation("square")
+    z, grad = torch.randn(7, dtype=torch.float64), torch.randn(7, dtype=torch.float64)
+    fresh = grad.clone()
+    with torch.no_grad():
+        result = act.backprop(fresh, z, overwrite=True)
+    assert result is fresh
+    torch.testing.assert_close(result, grad * 2 * z)
+
+
 @pytest.mark.parametrize("name", available_activations())
 def test_native_module_computes_sigma(name):
     act = get_activation(name)

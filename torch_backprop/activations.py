@@ -48,6 +48,9 @@ class Activation:
         derivative_from: ``"h"`` when σ' is a function of the output h = σ(z), ``"z"`` when it
             needs the pre-activation, ``"none"`` when σ' is constant 1 (identity).
         fused: optional ``fused(grad, saved) -> grad ⊙ σ'``; a single kernel instead of two.
+        fused_into: optional ``fused_into(grad, saved)``: the same kernel writing its result into
+            ``grad`` (its ``out=`` form), for a ``grad`` the backward phase has just made and owns;
+            it saves one allocation per layer.
         fused_differentiable: whether autograd can differentiate ``fused`` (for double
             backward); when not, ``grad * derivative(saved)`` is used under ``create_graph``.
         inplace: optional σ applied in place to a fresh pre-activation (only used when σ' does
@@ -62,6 +65,7 @@ class Activation:
     derivative_from: DerivativeFrom
     fused: Callable[[Tensor, Tensor], Tensor] | None = None
     fused_differentiable: bool = True
+    fused_into: Callable[[Tensor, Tensor], Tensor] | None = None
     inplace: Callable[[Tensor], Tensor] | None = None
     module: Callable[[], nn.Module] | None = None
     params: dict[str, Any] = field(default_factory=dict)
@@ -72,11 +76,24 @@ class Activation:
             return self.inplace(z)
         return self.fn(z)
 
-    def backprop(self, grad: Tensor, saved: Tensor | None) -> Tensor:
-        """``grad ⊙ σ'``, where ``saved`` is h or z as ``derivative_from`` says."""
+    def backprop(self, grad: Tensor, saved: Tensor | None, overwrite: bool = False) -> Tensor:
+        """``grad ⊙ σ'``, where ``saved`` is h or z as ``derivative_from`` says.
+
+        With ``overwrite=True`` the caller owns ``grad`` (it has just made it) and the product may
+        be written into it, unless the result must be differentiable (``create_graph``).
+        """
         if self.derivative_from == "none":
             return grad
-        if self.fused is not None and (self.fused_differentiable or not torch.is_grad_enabled()):
+        if torch.is_grad_enabled():  # double backward: differentiable ops only
+            if self.fused is not None and self.fused_differentiable:
+                return self.fused(grad, saved)
+            return grad * self.derivative(saved)
+        if overwrite and grad.dtype == saved.dtype:
+            if self.fused_into is not None:
+                return self.fused_into(grad, saved)
+            if self.fused is None:
+                return grad.mul_(self.derivative(saved))
+        if self.fused is not None:
             return self.fused(grad, saved)
         return grad * self.derivative(saved)
 
@@ -268,6 +285,7 @@ def _relu() -> Activation:
         lambda h: (h > 0).to(h.dtype),
         "h",
         fused=lambda grad, h: aten.threshold_backward(grad, h, 0),
+        fused_into=lambda grad, h: aten.threshold_backward.grad_input(grad, h, 0, grad_input=grad),
         inplace=torch.relu_,
         module=nn.ReLU,
     )
@@ -283,6 +301,9 @@ def _leaky_relu(negative_slope: float = 0.01) -> Activation:
         lambda s: torch.where(s > 0, s.new_ones(()), s.new_full((), slope)),
         "h" if from_output else "z",
         fused=lambda grad, s: aten.leaky_relu_backward(grad, s, slope, from_output),
+        fused_into=lambda grad, s: aten.leaky_relu_backward.grad_input(
+            grad, s, slope, from_output, grad_input=grad
+        ),
         inplace=lambda z: F.leaky_relu_(z, slope),
         module=lambda: nn.LeakyReLU(slope),
         params={"negative_slope": slope},
@@ -303,6 +324,9 @@ def _elu(alpha: float = 1.0) -> Activation:
         derivative,
         "h" if from_output else "z",
         fused=lambda grad, s: aten.elu_backward(grad, alpha, 1, 1, from_output, s),
+        fused_into=lambda grad, s: aten.elu_backward.grad_input(
+            grad, alpha, 1, 1, from_output, s, grad_input=grad
+        ),
         inplace=lambda z: F.elu_(z, alpha),
         module=lambda: nn.ELU(alpha),
         params={"alpha": alpha},
@@ -330,6 +354,7 @@ def _gelu() -> Activation:
         _gelu_derivative,
         "z",
         fused=lambda grad, z: aten.gelu_backward(grad, z),
+        fused_into=lambda grad, z: aten.gelu_backward.grad_input(grad, z, grad_input=grad),
         module=nn.GELU,
     )
 
@@ -341,6 +366,9 @@ def _gelu_tanh() -> Activation:
         _gelu_tanh_derivative,
         "z",
         fused=lambda grad, z: aten.gelu_backward(grad, z, approximate="tanh"),
+        fused_into=lambda grad, z: aten.gelu_backward.grad_input(
+            grad, z, approximate="tanh", grad_input=grad
+        ),
         module=lambda: nn.GELU(approximate="tanh"),
     )
 
@@ -357,6 +385,7 @@ def _silu() -> Activation:
         derivative,
         "z",
         fused=aten.silu_backward,
+        fused_into=lambda grad, z: aten.silu_backward.grad_input(grad, z, grad_input=grad),
         fused_differentiable=False,  # aten has no derivative for silu_backward
         module=nn.SiLU,
     )
@@ -370,6 +399,7 @@ def _sigmoid() -> Activation:
         lambda h: h * (1 - h),
         "h",
         fused=lambda grad, h: aten.sigmoid_backward(grad, h),
+        fused_into=lambda grad, h: aten.sigmoid_backward.grad_input(grad, h, grad_input=grad),
         inplace=torch.sigmoid_,
         module=nn.Sigmoid,
     )
@@ -383,6 +413,7 @@ def _tanh() -> Activation:
         lambda h: 1 - h * h,
         "h",
         fused=lambda grad, h: aten.tanh_backward(grad, h),
+        fused_into=lambda grad, h: aten.tanh_backward.grad_input(grad, h, grad_input=grad),
         inplace=torch.tanh_,
         module=nn.Tanh,
     )
@@ -397,6 +428,9 @@ def _softplus(beta: float = 1.0, threshold: float = 20.0) -> Activation:
         lambda z: torch.where(z * beta > threshold, 1.0, torch.sigmoid(z * beta)).to(z.dtype),
         "z",
         fused=lambda grad, z: aten.softplus_backward(grad, z, beta, threshold),
+        fused_into=lambda grad, z: aten.softplus_backward.grad_input(
+            grad, z, beta, threshold, grad_input=grad
+        ),
         module=lambda: nn.Softplus(beta, threshold),
         params={"beta": beta, "threshold": threshold},
     )

@@ -308,7 +308,8 @@ def deltas(tape: Tape, lowest: int = 0) -> Iterator[tuple[int, Tensor]]:
         back = delta.mm(tape.weights[k])  # δ^(k+1) W^(k)ᵀ, (N, n_k)
         if tape.masks[k - 1] is not None:
             back = back * tape.masks[k - 1]
-        delta = tape.activations[k - 1].backprop(back, tape.sigma_input[k - 1])  # BP2, δ^(k): (N, n_k)
+        # BP2, δ^(k): (N, n_k), written into the fresh product
+        delta = tape.activations[k - 1].backprop(back, tape.sigma_input[k - 1], overwrite=True)
 
 
 def lowest_layer(needs_x: bool, needs_weight: Sequence[bool], needs_bias: Sequence[bool]) -> int:
