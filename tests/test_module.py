@@ -304,3 +304,19 @@ def test_parametrized_and_reassigned_weights_are_the_ones_used():
     assert len(grads) == len(expected_grads) == 4
     for g, e in zip(grads, expected_grads):
         torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+
+
+def test_pruned_weights_are_the_ones_used():
+    from torch.nn.utils import prune
+
+    torch.manual_seed(0)
+    model = BackpropMLP([5, 4, 3], "tanh", dtype=torch.float64)
+    native = model.to_sequential()
+    prune.l1_unstructured(model.layers[0], "weight", amount=0.5)
+    prune.l1_unstructured(native[0], "weight", amount=0.5)
+    x = torch.randn(6, 5, dtype=torch.float64)
+    grads = torch.autograd.grad(model(x).sum(), list(model.parameters()))
+    expected = torch.autograd.grad(native(x).sum(), list(native.parameters()))
+    assert len(grads) == len(expected) == 4
+    for g, e in zip(grads, expected):
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)

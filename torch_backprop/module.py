@@ -120,11 +120,11 @@ class BackpropMLP(nn.Module):
         # costs about as much per lookup as a small layer's product.
         weights, biases = [], []
         for layer in self._modules["layers"]:
-            if type(layer) is nn.Linear:
-                params = layer._parameters
+            params = layer._parameters
+            if type(layer) is nn.Linear and "weight" in params and "bias" in params:
                 weights.append(params["weight"])
                 biases.append(params["bias"])
-            else:  # e.g. a parametrized layer (torch.nn.utils.parametrize), whose weight is computed
+            else:  # a parametrized (torch.nn.utils.parametrize) or pruned layer: its weight is computed
                 weights.append(layer.weight)
                 biases.append(layer.bias)
         check_input(input, weights[0], "BackpropMLP")
