@@ -306,7 +306,10 @@ def test_parametrized_and_reassigned_weights_are_the_ones_used():
         torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
 
 
-def test_pruned_weights_are_the_ones_used():
+def test_a_pruned_layer_falls_back_to_its_weight_attribute():
+    # Pruning moves "weight" out of the registered parameters; the first step must still use the
+    # pruned weight (its per-forward recomputation is a layer hook, which the stack does not run).
+
     from torch.nn.utils import prune
 
     torch.manual_seed(0)
