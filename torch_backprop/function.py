@@ -113,21 +113,19 @@ class MLPFunction(torch.autograd.Function):
         depth = len(ctx.activations)
         if grad_output is None:
             return (None,) * (3 * depth + 3)
-        tape = _tape(ctx, grad_output)
-        needs = ctx.needs_input_grad
-        phase = ctx.backward_phase or backward_phase
         device_type, mixed, _ = ctx.autocast
         if torch.is_autocast_enabled(device_type):
             # The backward phase casts explicitly, as native autograd's does; a backward called
-            # inside an autocast region must not recast it.
+            # inside an autocast region must not recast it (a rerun of the forward sets its own state).
             with torch.autocast(device_type, enabled=False):
-                grad_x, grad_weights, grad_biases = phase(
-                    tape, needs_x=needs[0], needs_weight=needs[4 : 4 + depth], needs_bias=needs[4 + depth :]
-                )
-        else:
-            grad_x, grad_weights, grad_biases = phase(
-                tape, needs_x=needs[0], needs_weight=needs[4 : 4 + depth], needs_bias=needs[4 + depth :]
-            )
+                return MLPFunction.backward(ctx, grad_output)
+        needs = ctx.needs_input_grad
+        grad_x, grad_weights, grad_biases = (ctx.backward_phase or backward_phase)(
+            _tape(ctx, grad_output),
+            needs_x=needs[0],
+            needs_weight=needs[4 : 4 + depth],
+            needs_bias=needs[4 + depth :],
+        )
         if mixed:  # under autocast, cast back from the compute dtype
             x, *params = ctx.saved_tensors[: 3 * depth]
             weights, biases, _ = _split(params, depth)
