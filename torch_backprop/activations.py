@@ -273,6 +273,18 @@ def activation_from_module(module: nn.Module) -> Activation:
 # Built-in entries. σ' in closed form next to each σ; the fused kernels compute the same product.
 
 
+def _kernel(op: Any, *args: Any, **kwargs: Any) -> dict[str, Callable[[Tensor, Tensor], Tensor]]:
+    """``fused`` and ``fused_into`` for the aten kernel ``op(grad, saved, *args, **kwargs)``.
+
+    ``fused`` is the kernel native autograd uses; ``fused_into`` is its ``grad_input=`` form, which
+    writes into ``grad``.
+    """
+    return {
+        "fused": lambda grad, saved: op(grad, saved, *args, **kwargs),
+        "fused_into": lambda grad, saved: op.grad_input(grad, saved, *args, **kwargs, grad_input=grad),
+    }
+
+
 def _identity() -> Activation:
     return Activation("identity", lambda z: z, torch.ones_like, "none", module=nn.Identity)
 
@@ -284,8 +296,7 @@ def _relu() -> Activation:
         F.relu,
         lambda h: (h > 0).to(h.dtype),
         "h",
-        fused=lambda grad, h: aten.threshold_backward(grad, h, 0),
-        fused_into=lambda grad, h: aten.threshold_backward.grad_input(grad, h, 0, grad_input=grad),
+        **_kernel(aten.threshold_backward, 0),
         inplace=torch.relu_,
         module=nn.ReLU,
     )
@@ -300,10 +311,7 @@ def _leaky_relu(negative_slope: float = 0.01) -> Activation:
         lambda z: F.leaky_relu(z, slope),
         lambda s: torch.where(s > 0, s.new_ones(()), s.new_full((), slope)),
         "h" if from_output else "z",
-        fused=lambda grad, s: aten.leaky_relu_backward(grad, s, slope, from_output),
-        fused_into=lambda grad, s: aten.leaky_relu_backward.grad_input(
-            grad, s, slope, from_output, grad_input=grad
-        ),
+        **_kernel(aten.leaky_relu_backward, slope, from_output),
         inplace=lambda z: F.leaky_relu_(z, slope),
         module=lambda: nn.LeakyReLU(slope),
         params={"negative_slope": slope},
@@ -353,8 +361,7 @@ def _gelu() -> Activation:
         F.gelu,
         _gelu_derivative,
         "z",
-        fused=lambda grad, z: aten.gelu_backward(grad, z),
-        fused_into=lambda grad, z: aten.gelu_backward.grad_input(grad, z, grad_input=grad),
+        **_kernel(aten.gelu_backward),
         module=nn.GELU,
     )
 
@@ -365,10 +372,7 @@ def _gelu_tanh() -> Activation:
         lambda z: F.gelu(z, approximate="tanh"),
         _gelu_tanh_derivative,
         "z",
-        fused=lambda grad, z: aten.gelu_backward(grad, z, approximate="tanh"),
-        fused_into=lambda grad, z: aten.gelu_backward.grad_input(
-            grad, z, approximate="tanh", grad_input=grad
-        ),
+        **_kernel(aten.gelu_backward, approximate="tanh"),
         module=lambda: nn.GELU(approximate="tanh"),
     )
 
@@ -384,8 +388,7 @@ def _silu() -> Activation:
         F.silu,
         derivative,
         "z",
-        fused=aten.silu_backward,
-        fused_into=lambda grad, z: aten.silu_backward.grad_input(grad, z, grad_input=grad),
+        **_kernel(aten.silu_backward),
         fused_differentiable=False,  # aten has no derivative for silu_backward
         module=nn.SiLU,
     )
@@ -398,8 +401,7 @@ def _sigmoid() -> Activation:
         torch.sigmoid,
         lambda h: h * (1 - h),
         "h",
-        fused=lambda grad, h: aten.sigmoid_backward(grad, h),
-        fused_into=lambda grad, h: aten.sigmoid_backward.grad_input(grad, h, grad_input=grad),
+        **_kernel(aten.sigmoid_backward),
         inplace=torch.sigmoid_,
         module=nn.Sigmoid,
     )
@@ -412,8 +414,7 @@ def _tanh() -> Activation:
         torch.tanh,
         lambda h: 1 - h * h,
         "h",
-        fused=lambda grad, h: aten.tanh_backward(grad, h),
-        fused_into=lambda grad, h: aten.tanh_backward.grad_input(grad, h, grad_input=grad),
+        **_kernel(aten.tanh_backward),
         inplace=torch.tanh_,
         module=nn.Tanh,
     )
@@ -427,10 +428,7 @@ def _softplus(beta: float = 1.0, threshold: float = 20.0) -> Activation:
         lambda z: F.softplus(z, beta, threshold),
         lambda z: torch.where(z * beta > threshold, 1.0, torch.sigmoid(z * beta)).to(z.dtype),
         "z",
-        fused=lambda grad, z: aten.softplus_backward(grad, z, beta, threshold),
-        fused_into=lambda grad, z: aten.softplus_backward.grad_input(
-            grad, z, beta, threshold, grad_input=grad
-        ),
+        **_kernel(aten.softplus_backward, beta, threshold),
         module=lambda: nn.Softplus(beta, threshold),
         params={"beta": beta, "threshold": threshold},
     )
