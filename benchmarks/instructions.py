@@ -20,27 +20,22 @@ from torch.utils.benchmark import Timer
 
 from torch_backprop.bench import parse_cases
 
+# The step is torch-backprop bench's (zero the gradients, forward, loss, backward), on the same
+# loss: MSE for width-1 outputs, cross-entropy otherwise.
 SETUP = """
 import torch
-import torch.nn.functional as F
 from torch_backprop import BackpropMLP
+from torch_backprop.bench import _training_step
 
 torch.manual_seed(0)
 manual = BackpropMLP({sizes}, activation="{activation}")
-native = manual.to_sequential()
+model = {{"manual": manual, "native": manual.to_sequential()}}["{name}"]
 x = torch.randn({batch}, {sizes}[0])
 if {sizes}[-1] == 1:
-    target, loss_fn = torch.randn({batch}, 1), F.mse_loss
+    target, loss = torch.randn({batch}, 1), "mse"
 else:
-    target, loss_fn = torch.randint({sizes}[-1], ({batch},)), F.cross_entropy
-model = {{"manual": manual, "native": native}}["{name}"]
-parameters = list(model.parameters())
-
-def step():
-    for p in parameters:
-        p.grad = None
-    loss_fn(model(x), target).backward()
-
+    target, loss = torch.randint({sizes}[-1], ({batch},)), "cross_entropy"
+step = _training_step(model, list(model.parameters()), x, target, loss)
 for _ in range(20):
     step()
 """
