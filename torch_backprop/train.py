@@ -597,6 +597,9 @@ def _train(args: argparse.Namespace) -> None:
             context.print(
                 "matplotlib is not installed: skipped curves.png (pip install 'torch-backprop[plot]')"
             )
+    # Every rank reaches this point before any tears the process group down: a rank that
+    # destroys it while a peer is still writing can make gloo abort at exit.
+    context.barrier()
 
 
 def _write_epoch(
