@@ -37,7 +37,7 @@ aten = torch.ops.aten
 DerivativeFrom = Literal["h", "z", "none"]
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, slots=True)
 class Activation:
     """One activation σ with its derivative σ'.
 
@@ -279,9 +279,10 @@ def _kernel(op: Any, *args: Any, **kwargs: Any) -> dict[str, Callable[[Tensor, T
     ``fused`` is the kernel native autograd uses; ``fused_into`` is its ``grad_input=`` form, which
     writes into ``grad``.
     """
+    into = op.grad_input
     return {
         "fused": lambda grad, saved: op(grad, saved, *args, **kwargs),
-        "fused_into": lambda grad, saved: op.grad_input(grad, saved, *args, **kwargs, grad_input=grad),
+        "fused_into": lambda grad, saved: into(grad, saved, *args, **kwargs, grad_input=grad),
     }
 
 
