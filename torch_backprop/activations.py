@@ -57,6 +57,11 @@ class Activation:
             not read z).
         module: builds the equivalent native module (for ``to_sequential``).
         params: the parameters the entry was built with, e.g. ``{"negative_slope": 0.01}``.
+
+    Attributes:
+        forward: σ of a fresh pre-activation z, ``forward(z)``: ``inplace`` (on z) when given and
+            σ' does not read z afterwards, else ``fn``. Chosen once here, since the forward phase
+            calls it on every layer of every step.
     """
 
     name: str
@@ -69,12 +74,11 @@ class Activation:
     inplace: Callable[[Tensor], Tensor] | None = None
     module: Callable[[], nn.Module] | None = None
     params: dict[str, Any] = field(default_factory=dict)
+    forward: Callable[[Tensor], Tensor] = field(init=False, repr=False)
 
-    def forward(self, z: Tensor) -> Tensor:
-        """σ(z) of a fresh pre-activation z: in place on z when σ' does not read z afterwards."""
-        if self.inplace is not None and self.derivative_from != "z":
-            return self.inplace(z)
-        return self.fn(z)
+    def __post_init__(self) -> None:
+        in_place = self.inplace is not None and self.derivative_from != "z"
+        object.__setattr__(self, "forward", self.inplace if in_place else self.fn)
 
     def backprop(self, grad: Tensor, saved: Tensor | None, overwrite: bool = False) -> Tensor:
         """``grad ⊙ σ'``, where ``saved`` is h or z as ``derivative_from`` says.

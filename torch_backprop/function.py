@@ -151,11 +151,10 @@ def _tape(ctx: Any, grad_output: Tensor) -> Tape:
     else:
         outputs = saved[3 * depth :]
     h_last, hidden, pre_activations = outputs[0], outputs[1:depth], iter(outputs[depth:])
-    # σ'_l reads z^(l), h^(l) or nothing
-    sigma_input = [
-        next(pre_activations) if act.derivative_from == "z" else h if act.derivative_from == "h" else None
-        for act, h in zip(activations, (*hidden, h_last))
-    ]
+    sigma_input = []  # what σ'_l reads: z^(l), h^(l) or nothing
+    for act, h in zip(activations, (*hidden, h_last)):
+        reads = act.derivative_from
+        sigma_input.append(next(pre_activations) if reads == "z" else h if reads == "h" else None)
     weights, masks = params[:depth], params[2 * depth :]
     h = [x, *hidden]
     for k, mask in enumerate(masks, start=1):
