@@ -1,0 +1,81 @@
+"""The scripts in benchmarks/: their yardsticks compute native autograd's gradients, and they run.
+
+Timings are never asserted; a run only has to finish and print its table.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from torch_backprop import BackpropMLP
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "benchmarks"
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def gradients(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor) -> list[torch.Tensor]:
+    F.cross_entropy(model(x), target).backward()
+    return [p.grad for p in model.parameters()]
+
+
+@pytest.mark.parametrize("sizes", [[5, 3], [5, 7, 3], [5, 7, 6, 3]])
+def test_function_overhead_yardsticks_give_native_gradients(sizes):
+    overhead = load("function_overhead")
+    torch.manual_seed(0)
+    x, target = torch.randn(9, sizes[0], dtype=torch.float64), torch.randint(sizes[-1], (9,))
+    flat = BackpropMLP(sizes, dtype=torch.float64)
+    flat.backward_phase = overhead.flat_backward_phase
+    bare_weights = BackpropMLP(sizes, dtype=torch.float64)
+    bare_weights.load_state_dict(flat.state_dict())
+    native = flat.to_sequential()
+    expected = gradients(native, x, target)
+    for model in (flat, overhead.BareMLP(bare_weights)):
+        for got, want in zip(gradients(model, x, target), expected, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def run_script(*args: str) -> str:
+    result = subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, cwd=ROOT, timeout=300, check=False
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_function_overhead_prints_one_row_per_case():
+    out = run_script(
+        "benchmarks/function_overhead.py",
+        *("--cases", "6-8-3@4,6-1@4", "--threads", "1", "--rounds", "1", "--min-run-time", "0.01"),
+    )
+    rows = [line for line in out.splitlines() if line.startswith("| 6-")]
+    assert [row.split(" | ")[0] for row in rows] == ["| 6-8-3@4", "| 6-1@4"]
+    for row in rows:
+        cells = [cell.strip() for cell in row.strip("|").split("|")][1:]
+        assert len(cells) == 4 and all(float(cell) > 0 for cell in cells)
+
+
+def test_profile_step_prints_its_summary():
+    out = run_script(
+        "benchmarks/profile_step.py",
+        *("--case", "6-8-3@4", "--threads", "1", "--steps", "2", "--rows", "3"),
+    )
+    summary = out[out.index("=== per step") :].splitlines()
+    rows = {line.split(" | ")[0].strip("| "): line for line in summary if line.startswith("| ")}
+    assert {"manual", "native"} <= set(rows)
+    for name in ("manual", "native"):
+        cells = [float(cell) for cell in rows[name].strip("|").split("|")[1:]]
+        assert len(cells) == 4 and cells[0] > 0
