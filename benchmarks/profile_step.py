@@ -5,14 +5,16 @@ which operators (and how much Python around them) cost what. Run from the reposi
 
     python benchmarks/profile_step.py --case 8-16-16-1@32 --activation relu --threads 2
 
-It prints, for each contender, the operators sorted by self CPU time over ``--steps`` steps, and a
-side-by-side summary of the total time per step split into matrix multiplies, other operators and
-time outside operators (Python, autograd engine).
+It profiles each contender in ``--sessions`` sessions of ``--steps`` steps, alternating between
+them, and prints the operators of the last session sorted by self CPU time, and a side-by-side
+summary of the total time per step (the median over the sessions) split into matrix multiplies,
+other operators and time outside operators (Python, autograd engine).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 from collections.abc import Callable
 
 import torch
@@ -39,7 +41,7 @@ def training_step(
     return step
 
 
-def profile_step(name: str, step: Callable[[], None], steps: int, rows: int) -> dict[str, float]:
+def profile_step(name: str, step: Callable[[], None], steps: int, rows: int, show: bool) -> dict[str, float]:
     for _ in range(20):
         step()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -47,8 +49,9 @@ def profile_step(name: str, step: Callable[[], None], steps: int, rows: int) -> 
             with record_function("step"):
                 step()
     averages = prof.key_averages()
-    print(f"\n=== {name}: operators by self CPU time, {steps} steps ===")
-    print(averages.table(sort_by="self_cpu_time_total", row_limit=rows))
+    if show:
+        print(f"\n=== {name}: operators by self CPU time, {steps} steps ===")
+        print(averages.table(sort_by="self_cpu_time_total", row_limit=rows))
     step_total = next(e.cpu_time_total for e in averages if e.key == "step") / steps
     matmul = sum(e.self_cpu_time_total for e in averages if e.key in MATMULS) / steps
     operators = sum(e.self_cpu_time_total for e in averages if e.key.startswith("aten::")) / steps
@@ -62,6 +65,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--rows", type=int, default=20)
+    parser.add_argument("--sessions", type=int, default=3, help="profiling sessions per contender")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     ((sizes, batch),) = parse_cases(args.case)
@@ -71,11 +75,23 @@ def main() -> None:
     x = torch.randn(batch, sizes[0])
     mse = sizes[-1] == 1
     target = torch.randn(batch, 1) if mse else torch.randint(sizes[-1], (batch,))
+    steps = {"manual": training_step(manual, x, target, mse), "native": training_step(native, x, target, mse)}
+    # Sessions alternate between the contenders and each figure is the median over them: a
+    # profiling session can run slow for a while (the first of a process often does), and
+    # whichever contender it falls on would otherwise look slower.
+    sessions: dict[str, list[dict[str, float]]] = {name: [] for name in steps}
+    for session in range(args.sessions):
+        for name in list(steps)[session % 2 :] + list(steps)[: session % 2]:
+            show = session == args.sessions - 1
+            sessions[name].append(profile_step(name, steps[name], args.steps, args.rows, show))
     results = {
-        name: profile_step(name, training_step(model, x, target, mse), args.steps, args.rows)
-        for name, model in (("manual", manual), ("native", native))
+        name: {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+        for name, runs in sessions.items()
     }
-    print(f"\n=== per step (µs, under the profiler), {args.case} {args.activation} ===")
+    print(
+        f"\n=== per step (µs, under the profiler, median of {args.sessions} sessions), "
+        f"{args.case} {args.activation} ==="
+    )
     print(
         "| contender | step | matmuls (self) | other aten ops (self) | outside aten ops (Python, autograd) |"
     )
