@@ -59,9 +59,18 @@ def run_and_grad(module: torch.nn.Module, x: torch.Tensor, upstream: torch.Tenso
     return out, list(grads)
 
 
-def assert_matches_native(model: BackpropMLP, x: torch.Tensor, upstream: torch.Tensor | None = None) -> None:
-    """Output first, then every gradient of ``model`` equal to native autograd on its twin."""
-    twin = model.to_sequential()
+def assert_matches_native(
+    model: BackpropMLP,
+    x: torch.Tensor,
+    upstream: torch.Tensor | None = None,
+    twin: torch.nn.Module | None = None,
+) -> None:
+    """Output first, then every gradient of ``model`` equal to native autograd on its twin.
+
+    The twin is ``model.to_sequential()`` unless given (a native stack altered as ``model`` was).
+    """
+    if twin is None:
+        twin = model.to_sequential()
     dtype = model.layers[0].weight.dtype
     out, grads = run_and_grad(model, x, upstream)
     ref_out, ref_grads = run_and_grad(twin, x, upstream)

@@ -7,7 +7,7 @@ import io
 
 import pytest
 import torch
-from conftest import assert_matches_native, run_and_grad
+from conftest import assert_matches_native
 from torch import nn
 
 from torch_backprop import BackpropMLP, available_activations, get_activation
@@ -297,13 +297,7 @@ def test_parametrized_and_reassigned_weights_are_the_ones_used():
     native = model.to_sequential()
     parametrize.register_parametrization(model.layers[0], "weight", _Double())
     parametrize.register_parametrization(native[0], "weight", _Double())
-    x = torch.randn(6, 5, dtype=torch.float64)
-    out, grads = run_and_grad(model, x)
-    expected, expected_grads = run_and_grad(native, x)
-    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
-    assert len(grads) == len(expected_grads) == 4
-    for g, e in zip(grads, expected_grads):
-        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+    assert_matches_native(model, torch.randn(6, 5, dtype=torch.float64), twin=native)
 
 
 def test_a_pruned_layer_falls_back_to_its_weight_attribute():
@@ -317,10 +311,4 @@ def test_a_pruned_layer_falls_back_to_its_weight_attribute():
     native = model.to_sequential()
     prune.l1_unstructured(model.layers[0], "weight", amount=0.5)
     prune.l1_unstructured(native[0], "weight", amount=0.5)
-    x = torch.randn(6, 5, dtype=torch.float64)
-    out, grads = run_and_grad(model, x)
-    expected, expected_grads = run_and_grad(native, x)
-    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
-    assert len(grads) == len(expected_grads) == 4
-    for g, e in zip(grads, expected_grads):
-        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+    assert_matches_native(model, torch.randn(6, 5, dtype=torch.float64), twin=native)
