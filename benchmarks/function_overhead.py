@@ -23,29 +23,37 @@ native autograd). Hidden layers use ReLU and the output none. Run from the repos
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from torch_backprop import BackpropMLP
-from torch_backprop.bench import _training_step, interleaved_medians, parse_cases
+from torch_backprop.bench import Case, _training_step, interleaved_medians, parse_cases
 
 relu_backward_into = torch.ops.aten.threshold_backward.grad_input
 
 
-def flat_backward_phase(tape: Any, *, needs_x: bool, needs_weight: Any, needs_bias: Any) -> tuple:
-    """BP1-BP4 for ReLU hidden layers and no output activation, as one loop."""
-    depth = len(tape.weights)
+def relu_stack_backward(
+    grad_output: Tensor, h: Sequence[Tensor], weights: Sequence[Tensor]
+) -> tuple[list[Tensor], list[Tensor]]:
+    """([∂W^(l)], [∂b^(l)]) for ReLU hidden layers and no output activation, as one loop."""
+    depth = len(weights)
     grad_weights, grad_biases = [None] * depth, [None] * depth
-    delta = tape.grad_output  # BP1, σ'_L = 1
+    delta = grad_output  # BP1, σ'_L = 1
     for k in reversed(range(depth)):
-        grad_weights[k] = delta.t().mm(tape.h[k])  # BP3
+        grad_weights[k] = delta.t().mm(h[k])  # BP3
         grad_biases[k] = delta.sum(0)  # BP4
         if k > 0:
-            back = delta.mm(tape.weights[k])
-            delta = relu_backward_into(back, tape.h[k], 0, grad_input=back)  # BP2
-    return None, grad_weights, grad_biases
+            back = delta.mm(weights[k])
+            delta = relu_backward_into(back, h[k], 0, grad_input=back)  # BP2
+    return grad_weights, grad_biases
+
+
+def flat_backward_phase(tape: Any, *, needs_x: bool, needs_weight: Any, needs_bias: Any) -> tuple:
+    """A ``backward_phase`` for BackpropMLP: :func:`relu_stack_backward` on its tape."""
+    return None, *relu_stack_backward(tape.grad_output, tape.h, tape.weights)
 
 
 class _BareFunction(torch.autograd.Function):
@@ -63,15 +71,7 @@ class _BareFunction(torch.autograd.Function):
     def backward(ctx: Any, grad_output: Tensor) -> tuple:
         saved = ctx.saved_tensors
         depth = len(saved) // 2
-        h, weights = saved[:depth], saved[depth:]
-        grad_weights, grad_biases = [None] * depth, [None] * depth
-        delta = grad_output
-        for k in reversed(range(depth)):
-            grad_weights[k] = delta.t().mm(h[k])
-            grad_biases[k] = delta.sum(0)
-            if k > 0:
-                back = delta.mm(weights[k])
-                delta = relu_backward_into(back, h[k], 0, grad_input=back)
+        grad_weights, grad_biases = relu_stack_backward(grad_output, saved[:depth], saved[depth:])
         return (None, *grad_weights, *grad_biases)
 
 
@@ -105,12 +105,11 @@ def main() -> None:
         bare.load_state_dict(manual.state_dict())
         flat.backward_phase = flat_backward_phase
         models = {"manual": manual, "flat": flat, "bare": BareMLP(bare), "native": manual.to_sequential()}
-        x = torch.randn(batch, sizes[0])
-        if sizes[-1] == 1:
-            target, loss = torch.randn(batch, 1), "mse"
-        else:
-            target, loss = torch.randint(sizes[-1], (batch,)), "cross_entropy"
-        steps = {name: _training_step(m, list(m.parameters()), x, target, loss) for name, m in models.items()}
+        case = Case(sizes, batch)
+        x, target = case.data()
+        steps = {
+            name: _training_step(m, list(m.parameters()), x, target, case.loss) for name, m in models.items()
+        }
         for step in steps.values():  # warm-up
             for _ in range(3):
                 step()
@@ -122,8 +121,7 @@ def main() -> None:
         )
         native = medians["native"]["median_s"]
         ratios = " | ".join(f"{medians[n]['median_s'] / native:.3f}" for n in ("manual", "flat", "bare"))
-        name = "-".join(map(str, sizes)) + f"@{batch}"
-        print(f"| {name} | {ratios} | {1e3 * native:.3f} |", flush=True)
+        print(f"| {case.shape_name} | {ratios} | {1e3 * native:.3f} |", flush=True)
 
 
 if __name__ == "__main__":

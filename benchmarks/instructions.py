@@ -18,24 +18,21 @@ import sys
 
 from torch.utils.benchmark import Timer
 
-from torch_backprop.bench import parse_cases
+from torch_backprop.bench import Case, parse_cases
 
 # The step is torch-backprop bench's (zero the gradients, forward, loss, backward), on the same
 # loss: MSE for width-1 outputs, cross-entropy otherwise.
 SETUP = """
 import torch
 from torch_backprop import BackpropMLP
-from torch_backprop.bench import _training_step
+from torch_backprop.bench import Case, _training_step
 
 torch.manual_seed(0)
 manual = BackpropMLP({sizes}, activation="{activation}")
 model = {{"manual": manual, "native": manual.to_sequential()}}["{name}"]
-x = torch.randn({batch}, {sizes}[0])
-if {sizes}[-1] == 1:
-    target, loss = torch.randn({batch}, 1), "mse"
-else:
-    target, loss = torch.randint({sizes}[-1], ({batch},)), "cross_entropy"
-step = _training_step(model, list(model.parameters()), x, target, loss)
+case = Case({sizes}, {batch})
+x, target = case.data()
+step = _training_step(model, list(model.parameters()), x, target, case.loss)
 for _ in range(20):
     step()
 """
@@ -44,7 +41,7 @@ for _ in range(20):
 def instructions_per_step(
     sizes: tuple[int, ...], batch: int, activation: str, name: str, steps: int
 ) -> float:
-    setup = SETUP.format(sizes=list(sizes), batch=batch, activation=activation, name=name)
+    setup = SETUP.format(sizes=tuple(sizes), batch=batch, activation=activation, name=name)
     stats = Timer("step()", setup=setup, num_threads=1).collect_callgrind(
         number=steps, collect_baseline=False
     )
@@ -68,7 +65,7 @@ def main() -> None:
             name: instructions_per_step(sizes, batch, args.activation, name, args.steps)
             for name in ("manual", "native")
         }
-        case = f"{'-'.join(map(str, sizes))}@{batch} {args.activation}"
+        case = f"{Case(sizes, batch).shape_name} {args.activation}"
         ratio = counts["manual"] / counts["native"]
         print(f"| {case} | {counts['manual']:,.0f} | {counts['native']:,.0f} | {ratio:.3f} |", flush=True)
 

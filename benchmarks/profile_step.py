@@ -18,27 +18,12 @@ import statistics
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from torch_backprop import BackpropMLP
-from torch_backprop.bench import parse_cases
+from torch_backprop.bench import Case, _training_step, parse_cases
 
 MATMULS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear"}
-
-
-def training_step(
-    model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, mse: bool
-) -> Callable[[], None]:
-    parameters = list(model.parameters())
-
-    def step() -> None:
-        for p in parameters:
-            p.grad = None
-        loss = F.mse_loss(model(x), target) if mse else F.cross_entropy(model(x), target)
-        loss.backward()
-
-    return step
 
 
 def profile_step(name: str, step: Callable[[], None], steps: int, rows: int, show: bool) -> dict[str, float]:
@@ -72,10 +57,12 @@ def main() -> None:
     torch.manual_seed(0)
     manual = BackpropMLP(sizes, activation=args.activation)
     native = manual.to_sequential()
-    x = torch.randn(batch, sizes[0])
-    mse = sizes[-1] == 1
-    target = torch.randn(batch, 1) if mse else torch.randint(sizes[-1], (batch,))
-    steps = {"manual": training_step(manual, x, target, mse), "native": training_step(native, x, target, mse)}
+    case = Case(sizes, batch)
+    x, target = case.data()
+    steps = {
+        name: _training_step(model, list(model.parameters()), x, target, case.loss)
+        for name, model in (("manual", manual), ("native", native))
+    }
     # Sessions alternate between the contenders and each figure is the median over them: a
     # profiling session can run slow for a while (the first of a process often does), and
     # whichever contender it falls on would otherwise look slower.

@@ -123,6 +123,15 @@ class Case:
         """``"mse"`` for width-1 outputs, ``"cross_entropy"`` otherwise."""
         return "mse" if self.sizes[-1] == 1 else "cross_entropy"
 
+    def data(
+        self, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+    ) -> tuple[Tensor, Tensor]:
+        """A random input batch and a target for :attr:`loss` (values for MSE, else class labels)."""
+        x = torch.randn(self.batch, self.sizes[0], device=device, dtype=dtype)
+        if self.loss == "mse":
+            return x, torch.randn(self.batch, 1, device=device, dtype=dtype)
+        return x, torch.randint(self.sizes[-1], (self.batch,), device=device)
+
 
 @dataclass
 class Settings:
@@ -335,11 +344,7 @@ def _prepare(case: Case, settings: Settings, log: Callable[[str], None]) -> _Pre
     recompute = copy.deepcopy(manual)
     recompute.recompute = True
     native = manual.to_sequential()
-    x = torch.randn(case.batch, case.sizes[0], device=device, dtype=dtype)
-    if case.loss == "mse":
-        target = torch.randn(case.batch, 1, device=device, dtype=dtype)
-    else:
-        target = torch.randint(case.sizes[-1], (case.batch,), device=device)
+    x, target = case.data(device, dtype)
 
     steps: dict[str, Callable[[], None]] = {
         "manual": _training_step(manual, list(manual.parameters()), x, target, case.loss),
