@@ -55,7 +55,7 @@ def clipped_reference(model: nn.Module, x: Tensor, y: Tensor, clip: float) -> li
         )
         for b in range(x.shape[0])
     ]
-    per_param = [torch.stack(g) for g in zip(*grads)]
+    per_param = [torch.stack(g) for g in zip(*grads, strict=True)]
     norms = torch.cat([g.flatten(1) for g in per_param], 1).norm(dim=1)
     factor = (clip / norms).clamp(max=1.0)
     return [torch.einsum("b,b...->...", factor, g) / x.shape[0] for g in per_param]
@@ -197,7 +197,9 @@ def main(argv: list[str] | None = None) -> dict:
         step()
         error_max = None
         if clipped:
-            error_max = max((p.grad.double() - r).abs().max().item() for p, r in zip(params, reference))
+            error_max = max(
+                (p.grad.double() - r).abs().max().item() for p, r in zip(params, reference, strict=True)
+            )
         timer = Timer(stmt="step()", globals={"step": step}, num_threads=args.threads, label=name)
         # Steps per measurement so that one takes about min_run_time / rounds.
         once = timer.timeit(1).median
@@ -229,11 +231,11 @@ def main(argv: list[str] | None = None) -> dict:
             continue
         times = row["times_s"]
         row["median_s"] = statistics.median(times)
-        row["vs_plain"] = statistics.median(t / b for t, b in zip(times, base_times))
-        row["vs_per_sample"] = statistics.median(t / o for t, o in zip(times, ours_times))
+        row["vs_plain"] = statistics.median(t / b for t, b in zip(times, base_times, strict=True))
+        row["vs_per_sample"] = statistics.median(t / o for t, o in zip(times, ours_times, strict=True))
         cpu = row["cpu_s"]
-        row["cpu_vs_plain"] = statistics.median(t / b for t, b in zip(cpu, base_cpu))
-        row["cpu_vs_per_sample"] = statistics.median(t / o for t, o in zip(cpu, ours_cpu))
+        row["cpu_vs_plain"] = statistics.median(t / b for t, b in zip(cpu, base_cpu, strict=True))
+        row["cpu_vs_per_sample"] = statistics.median(t / o for t, o in zip(cpu, ours_cpu, strict=True))
         print(
             f"| {row['method']} | {1e3 * row['median_s']:.2f} | {row['vs_plain']:.2f}x | "
             f"{row['vs_per_sample']:.1f}x | {row['cpu_vs_plain']:.2f}x | {row['cpu_vs_per_sample']:.1f}x |"

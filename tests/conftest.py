@@ -79,7 +79,7 @@ def assert_matches_native(
         n for n, p in model.named_parameters() if p.requires_grad
     ]
     assert len(grads) == len(ref_grads) == len(names)
-    for name, grad, ref in zip(names, grads, ref_grads):
+    for name, grad, ref in zip(names, grads, ref_grads, strict=True):
         assert (grad is None) == (ref is None), name
         if ref is not None:
             assert_close(grad, ref, GRAD_TOLERANCE[dtype], name)

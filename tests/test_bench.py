@@ -92,7 +92,10 @@ def check_report(report: dict, cases: int, compiled: bool) -> None:
                 assert ratio is None
             else:
                 assert ratio == pytest.approx(medians[numerator] / medians[denominator], rel=1e-12)
-                paired = [a / b for a, b in zip(case["rounds_s"][numerator], case["rounds_s"][denominator])]
+                paired = [
+                    a / b
+                    for a, b in zip(case["rounds_s"][numerator], case["rounds_s"][denominator], strict=True)
+                ]
                 assert case["paired_ratios"][key] == pytest.approx(statistics.median(paired), rel=1e-12)
         for counts in (case["saved_bytes"], case["saved_activation_bytes"]):
             assert set(counts) == {"manual", "native", "recompute"}
@@ -114,11 +117,11 @@ def check_table(table: str, report: dict) -> None:
     header = [cell.strip() for cell in lines[0].strip("|").split("|")]
     assert header == list(bench.TABLE_COLUMNS)
     rows = lines[2 : 2 + len(report["cases"])]
-    for row, case in zip(rows, report["cases"]):
+    for row, case in zip(rows, report["cases"], strict=True):
         cells = [cell.strip() for cell in row.strip("|").split("|")]
         assert len(cells) == len(header)
         assert cells[0] == case["name"]
-        for column, cell in zip(header[1:], cells[1:]):
+        for column, cell in zip(header[1:], cells[1:], strict=True):
             if cell == "–":
                 assert column in ("compiled ms", "manual/compiled")
                 continue

@@ -37,7 +37,7 @@ def test_cuda_autocast_float16(activation):
         ref_out, ref_grads = run_and_grad(twin, x)
     assert out.dtype == ref_out.dtype
     assert_close(out, ref_out, OUTPUT_TOLERANCE[torch.float16], "output")
-    for grad, ref in zip(grads, ref_grads):
+    for grad, ref in zip(grads, ref_grads, strict=True):
         assert_close(grad, ref, GRAD_TOLERANCE[torch.float16], "gradient")
 
 

@@ -178,7 +178,7 @@ def test_dropout_in_training_matches_native_with_same_seed(activation, recompute
     ref = twin(x)
     ref_grads = torch.autograd.grad(ref, list(twin.parameters()), upstream)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
-    for (name, _), grad, expected in zip(model.named_parameters(), grads, ref_grads):
+    for (name, _), grad, expected in zip(model.named_parameters(), grads, ref_grads, strict=True):
         torch.testing.assert_close(grad, expected, rtol=1e-12, atol=1e-12, msg=name)
     assert (out != model.eval()(x)).any()  # dropout really was active in training
 

@@ -19,7 +19,7 @@ def test_drop_in_trains_exactly_like_the_stock_sequential(capsys):
     native_model, native_losses = drop_in.train(args)
     assert len(manual_losses) == 4
     torch.testing.assert_close(torch.tensor(manual_losses), torch.tensor(native_losses))
-    for p, q in zip(manual_model.parameters(), native_model.parameters()):
+    for p, q in zip(manual_model.parameters(), native_model.parameters(), strict=True):
         torch.testing.assert_close(p, q)
     assert drop_in.main(["--fake", "--steps", "2", "--batch-size", "8"]) == 0
     assert "step    1" in capsys.readouterr().out

@@ -15,7 +15,10 @@ ACTIVATIONS = available_activations()
 
 
 def _params(sizes, bias=True):
-    weights = [torch.randn(o, i, dtype=torch.float64, requires_grad=True) for i, o in zip(sizes, sizes[1:])]
+    weights = [
+        torch.randn(o, i, dtype=torch.float64, requires_grad=True)
+        for i, o in zip(sizes[:-1], sizes[1:], strict=True)
+    ]
     biases = [torch.randn(o, dtype=torch.float64, requires_grad=True) if bias else None for o in sizes[1:]]
     return weights, biases
 
@@ -46,7 +49,9 @@ def test_double_backward_matches_native(activation):
         (grad_x,) = torch.autograd.grad(module(xs).square().sum(), xs, create_graph=True)
         return torch.autograd.grad(grad_x.square().sum(), list(module.parameters()))
 
-    for (name, _), grad, ref in zip(model.named_parameters(), penalty_grads(model), penalty_grads(twin)):
+    for (name, _), grad, ref in zip(
+        model.named_parameters(), penalty_grads(model), penalty_grads(twin), strict=True
+    ):
         assert_close(grad, ref, GRAD_TOLERANCE[torch.float64], name)
 
 
@@ -61,7 +66,7 @@ def test_double_backward_through_parameter_gradients():
         grads = torch.autograd.grad(module(x).sin().sum(), params, create_graph=True)
         return torch.autograd.grad(sum(g.square().sum() for g in grads), params)
 
-    for grad, ref in zip(second(model), second(twin)):
+    for grad, ref in zip(second(model), second(twin), strict=True):
         assert_close(grad, ref, GRAD_TOLERANCE[torch.float64], "second derivative")
 
 
@@ -75,7 +80,7 @@ def test_recompute_gives_identical_gradients(activation):
     upstream = torch.randn(6, 3, dtype=torch.float64)
     _, grads = run_and_grad(model, x, upstream)
     _, lean_grads = run_and_grad(lean, x, upstream)
-    for grad, lean_grad in zip(grads, lean_grads):
+    for grad, lean_grad in zip(grads, lean_grads, strict=True):
         assert torch.equal(grad, lean_grad)
 
 
@@ -165,7 +170,7 @@ def test_gradients_are_linear_in_grad_output(batch, activation, a, b):
     _, grads1 = run_and_grad(model, x, g1)
     _, grads2 = run_and_grad(model, x, g2)
     _, grads = run_and_grad(model, x, a * g1 + b * g2)
-    for grad, grad1, grad2 in zip(grads, grads1, grads2):
+    for grad, grad1, grad2 in zip(grads, grads1, grads2, strict=True):
         torch.testing.assert_close(grad, a * grad1 + b * grad2, rtol=1e-10, atol=1e-10)
 
 
@@ -179,7 +184,7 @@ def test_gradients_do_not_depend_on_how_the_batch_is_split(batch, split, activat
     _, whole = run_and_grad(model, x, upstream)
     _, first = run_and_grad(model, x[:split], upstream[:split])
     _, second = run_and_grad(model, x[split:], upstream[split:])
-    for grad, part1, part2 in zip(whole, first, second):
+    for grad, part1, part2 in zip(whole, first, second, strict=True):
         torch.testing.assert_close(grad, part1 + part2, rtol=1e-10, atol=1e-10)
 
 
@@ -200,5 +205,5 @@ def test_canonical_function_and_eager_twin_agree_with_native(activation, recompu
     )
     ref_grads = torch.autograd.grad(ref, inputs, upstream)
     assert_close(out, ref, GRAD_TOLERANCE[torch.float64], "output")
-    for grad, expected in zip(grads, ref_grads):
+    for grad, expected in zip(grads, ref_grads, strict=True):
         assert_close(grad, expected, GRAD_TOLERANCE[torch.float64], "gradient")

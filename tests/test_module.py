@@ -20,7 +20,7 @@ def test_layers_are_plain_linear_with_native_initialisation():
     native = nn.Sequential(nn.Linear(7, 5), nn.ReLU(), nn.Linear(5, 3))
     assert isinstance(model.layers, nn.ModuleList)
     assert all(type(layer) is nn.Linear for layer in model.layers)
-    for p, q in zip(model.parameters(), native.parameters()):
+    for p, q in zip(model.parameters(), native.parameters(), strict=True):
         assert torch.equal(p, q)
 
 

@@ -57,7 +57,7 @@ def loop_grads(model: BackpropMLP, x: torch.Tensor, y: torch.Tensor, reduction: 
     per_param: list[list[torch.Tensor]] = [[] for _ in trainable(twin)]
     for b in range(x.shape[0]):
         grads = torch.autograd.grad(batch_loss(twin(x[b : b + 1]), y[b : b + 1], reduction), trainable(twin))
-        for store, g in zip(per_param, grads):
+        for store, g in zip(per_param, grads, strict=True):
             store.append(g)
     return [torch.stack(store) for store in per_param]
 
@@ -110,7 +110,9 @@ def test_grad_sample_matches_loop_and_vmap(activation: str, bias: bool, shape: s
         batch_loss(model(x), y, reduction).backward()
 
     names = [name for name, p in model.named_parameters() if p.requires_grad]
-    for name, p, ref_loop, ref_vmap, ref_grad in zip(names, trainable(model), loop, vmapped, ordinary):
+    for name, p, ref_loop, ref_vmap, ref_grad in zip(
+        names, trainable(model), loop, vmapped, ordinary, strict=True
+    ):
         assert p.grad_sample.shape == (BATCH, *p.shape)
         assert_close(p.grad_sample, ref_loop, TOL, f"{name}.grad_sample (loop)")
         assert_close(p.grad_sample, ref_vmap, TOL, f"{name}.grad_sample (vmap)")
@@ -141,7 +143,7 @@ def test_clipped_sum_matches_materialised(activation: str, bias: bool, shape: st
             batch_loss(model(x), y, reduction).backward()
         assert_close(ps.norms, norms, TOL, "norms")
         for (name, p), expected in zip(
-            model.named_parameters(), clipped_reference(loop, threshold, reduction)
+            model.named_parameters(), clipped_reference(loop, threshold, reduction), strict=True
         ):
             assert not hasattr(p, "grad_sample"), name
             assert_close(p.grad, expected, TOL, f"{name}.grad clipped at {threshold:.3g}")
@@ -153,7 +155,7 @@ def test_clipping_above_every_norm_gives_ordinary_gradient() -> None:
     ordinary = ordinary_grads(model, x, y, "mean")
     with per_sample(model, max_grad_norm=1e6):
         batch_loss(model(x), y, "mean").backward()
-    for (name, p), expected in zip(model.named_parameters(), ordinary):
+    for (name, p), expected in zip(model.named_parameters(), ordinary, strict=True):
         assert_close(p.grad, expected, TOL, name)
 
 
@@ -170,10 +172,10 @@ def test_frozen_parameters_are_skipped(max_grad_norm: float | None) -> None:
     assert model.layers[2].bias.grad is None and not hasattr(model.layers[2].bias, "grad_sample")
     assert_close(ps.norms, flat_norms(loop), TOL, "norms over trainable parameters")
     if max_grad_norm is not None:
-        for p, expected in zip(trainable(model), clipped_reference(loop, max_grad_norm, "sum")):
+        for p, expected in zip(trainable(model), clipped_reference(loop, max_grad_norm, "sum"), strict=True):
             assert_close(p.grad, expected, TOL, "clipped grad")
     else:
-        for p, expected in zip(trainable(model), loop):
+        for p, expected in zip(trainable(model), loop, strict=True):
             assert_close(p.grad_sample, expected, TOL, "grad_sample")
 
 
@@ -213,7 +215,7 @@ def test_backward_calls_in_one_block_add_up() -> None:
     with per_sample(model, loss_reduction="sum"):
         batch_loss(model(x), y, "sum").backward()
         batch_loss(model(x), y, "sum").backward()
-    for p, expected in zip(model.parameters(), loop):
+    for p, expected in zip(model.parameters(), loop, strict=True):
         assert_close(p.grad_sample, 2 * expected, TOL, "grad_sample")
 
 
@@ -234,7 +236,7 @@ def test_float32_matches_float64_reference() -> None:
     model32 = model.float()
     with per_sample(model32) as ps:
         batch_loss(model32(x.float()), y, "mean").backward()
-    for p, expected in zip(model32.parameters(), loop):
+    for p, expected in zip(model32.parameters(), loop, strict=True):
         assert_close(p.grad_sample, expected.float(), GRAD_TOLERANCE[torch.float32], "grad_sample")
     assert_close(ps.norms, flat_norms(loop).float(), GRAD_TOLERANCE[torch.float32], "norms")
 
@@ -266,13 +268,14 @@ def test_random_architectures_clip_like_materialised(
             *(
                 torch.autograd.grad(loss(twin(x[b : b + 1]), target[b : b + 1]), list(twin.parameters()))
                 for b in range(batch)
-            )
+            ),
+            strict=True,
         )
     ]
     with per_sample(model, loss_reduction=reduction, max_grad_norm=clip) as ps:
         loss(model(x), target).backward()
     assert_close(ps.norms, flat_norms(loop), TOL, "norms")
-    for p, expected in zip(model.parameters(), clipped_reference(loop, clip, reduction)):
+    for p, expected in zip(model.parameters(), clipped_reference(loop, clip, reduction), strict=True):
         assert_close(p.grad, expected, TOL, "clipped grad")
 
 
@@ -289,7 +292,7 @@ def test_outside_the_block_backward_is_ordinary() -> None:
     model.zero_grad(set_to_none=True)
     batch_loss(model(x), y, "mean").backward()
     ordinary = ordinary_grads(model, x, y, "mean")
-    for (name, p), expected in zip(model.named_parameters(), ordinary):
+    for (name, p), expected in zip(model.named_parameters(), ordinary, strict=True):
         assert not hasattr(p, "grad_sample"), name
         assert_close(p.grad, expected, TOL, name)
 
@@ -357,13 +360,15 @@ def test_dp_sgd_step_without_noise_is_a_clipped_sgd_step() -> None:
     clip, lr = 0.3, 0.5
     expected = [
         p.detach() - lr * g
-        for p, g in zip(model.parameters(), clipped_reference(loop_grads(model, x, y, "mean"), clip, "mean"))
+        for p, g in zip(
+            model.parameters(), clipped_reference(loop_grads(model, x, y, "mean"), clip, "mean"), strict=True
+        )
     ]
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     with per_sample(model, max_grad_norm=clip):
         batch_loss(model(x), y, "mean").backward()
     dp_sgd_step(model, optimizer, noise_multiplier=0.0, max_grad_norm=clip, batch_size=BATCH)
-    for (name, p), e in zip(model.named_parameters(), expected):
+    for (name, p), e in zip(model.named_parameters(), expected, strict=True):
         assert_close(p.detach(), e, TOL, name)
 
 
@@ -380,7 +385,7 @@ def test_dp_sgd_step_noise_has_the_calibrated_scale(reduction: str) -> None:
     dp_sgd_step(
         model, optimizer, sigma, clip, BATCH, torch.Generator().manual_seed(3), loss_reduction=reduction
     )
-    noise = torch.cat([(p.grad - g).flatten() for p, g in zip(model.parameters(), clipped_mean)])
+    noise = torch.cat([(p.grad - g).flatten() for p, g in zip(model.parameters(), clipped_mean, strict=True)])
     # 1,363 draws of N(0, (σC/B)²): the sample std is within 10% with overwhelming probability.
     assert noise.std().item() == pytest.approx(sigma * clip / BATCH, rel=0.1)
     assert noise.mean().abs().item() < 4 * sigma * clip / BATCH / math.sqrt(noise.numel())
@@ -409,7 +414,7 @@ def test_recompute_model_gives_the_same_per_sample_gradients() -> None:
     loop = loop_grads(model, x, y, "mean")
     with per_sample(model) as ps:
         batch_loss(model(x), y, "mean").backward()
-    for (name, p), expected in zip(model.named_parameters(), loop):
+    for (name, p), expected in zip(model.named_parameters(), loop, strict=True):
         assert_close(p.grad_sample, expected, TOL, name)
     assert_close(ps.norms, flat_norms(loop), TOL, "norms")
 
@@ -423,7 +428,7 @@ def test_dropout_per_sample_gradients_add_up_to_the_gradient() -> None:
     with per_sample(model, loss_reduction="mean") as ps:
         batch_loss(model(x), y, "mean").backward()
     grad_samples = [p.grad_sample for p in model.parameters()]
-    for (name, p), g in zip(model.named_parameters(), grad_samples):
+    for (name, p), g in zip(model.named_parameters(), grad_samples, strict=True):
         assert_close(g.mean(0), p.grad, TOL, name)
     assert_close(ps.norms, flat_norms(grad_samples), TOL, "norms")
     grads = [p.grad.clone() for p in model.parameters()]
@@ -431,7 +436,7 @@ def test_dropout_per_sample_gradients_add_up_to_the_gradient() -> None:
     torch.manual_seed(5)
     with per_sample(model, max_grad_norm=math.inf):
         batch_loss(model(x), y, "mean").backward()
-    for (name, p), g in zip(model.named_parameters(), grads):
+    for (name, p), g in zip(model.named_parameters(), grads, strict=True):
         assert_close(p.grad, g, TOL, f"{name} (clipped at infinity)")
 
 
@@ -446,6 +451,6 @@ def test_autocast_bfloat16_clipping_is_close_to_float32() -> None:
         F.cross_entropy(model(x), y).backward()
     assert ps.norms.dtype == torch.float32
     torch.testing.assert_close(ps.norms, expected_norms, rtol=5e-2, atol=1e-3)
-    for (name, p), e in zip(model.named_parameters(), expected):
+    for (name, p), e in zip(model.named_parameters(), expected, strict=True):
         assert p.grad.dtype == torch.float32, name
         torch.testing.assert_close(p.grad, e, rtol=5e-2, atol=2e-2, msg=lambda m, n=name: f"{n}: {m}")

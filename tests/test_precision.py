@@ -28,7 +28,7 @@ def test_cpu_autocast_bfloat16_matches_native_autocast(activation, x_grad):
         ref_out, ref_grads = run_and_grad(twin, x)
     assert out.dtype == ref_out.dtype == torch.bfloat16
     assert_close(out, ref_out, OUTPUT_TOLERANCE[torch.bfloat16], "output")
-    for grad, ref in zip(grads, ref_grads):
+    for grad, ref in zip(grads, ref_grads, strict=True):
         assert grad.dtype == ref.dtype  # parameter gradients come back in float32, as natively
         assert_close(grad, ref, GRAD_TOLERANCE[torch.bfloat16], "gradient")
 
@@ -41,7 +41,7 @@ def test_autocast_backward_outside_the_region_matches_native():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = module(x).float().square().mean()
         loss.backward()
-    for p, q in zip(model.parameters(), twin.parameters()):
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
         assert p.grad.dtype == torch.float32
         assert_close(p.grad, q.grad, GRAD_TOLERANCE[torch.bfloat16], "gradient")
 

@@ -23,11 +23,11 @@ def test_100_sgd_momentum_steps_match_native(activation, dtype, rtol):
     for _ in range(100):
         x = torch.randn(32, 10, generator=generator, dtype=dtype)
         y = torch.randint(4, (32,), generator=generator)
-        for module, optimizer in zip((model, twin), optimizers):
+        for module, optimizer in zip((model, twin), optimizers, strict=True):
             optimizer.zero_grad()
             F.cross_entropy(module(x), y).backward()
             optimizer.step()
-    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+    for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=rtol, atol=rtol, msg=lambda m, name=name: f"{name}: {m}")
     # and the model did move: the comparison is not between two untouched initialisations
     assert not torch.allclose(

@@ -38,7 +38,7 @@ def test_vmap_of_grad_matches_native_per_sample_gradients(activation):
         warnings.simplefilter("error")  # no slow per-sample fallback of vmap
         ours = per_sample(model)
     ref = per_sample(twin)
-    for (name, value), expected in zip(ours.items(), ref.values()):
+    for (name, value), expected in zip(ours.items(), ref.values(), strict=True):
         assert value.shape == (5, *dict(model.named_parameters())[name].shape)
         assert_close(value, expected, F64, name)
 
@@ -69,7 +69,7 @@ def test_torch_compile_matches_eager_native(activation, recompute):
     out, grads = run_and_grad(compiled, x)
     ref_out, ref_grads = run_and_grad(twin, x)
     assert_close(out, ref_out, OUTPUT_TOLERANCE[torch.float32], "output")
-    for grad_, ref in zip(grads, ref_grads):
+    for grad_, ref in zip(grads, ref_grads, strict=True):
         assert_close(grad_, ref, GRAD_TOLERANCE[torch.float32], "gradient")
 
 
@@ -84,5 +84,5 @@ def test_torch_compile_fullgraph_has_no_graph_break():
     ref = torch.nn.functional.cross_entropy(twin(x), y)
     ref.backward()
     assert_close(loss.detach(), ref.detach(), OUTPUT_TOLERANCE[torch.float32], "loss")
-    for p, q in zip(model.parameters(), twin.parameters()):
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
         assert_close(p.grad, q.grad, GRAD_TOLERANCE[torch.float32], "gradient")

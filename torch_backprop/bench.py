@@ -269,7 +269,7 @@ def matmul_floor(
     for l > 0, the input gradient δ^(l+1) W^(l)ᵀ (BP2), in nn.Linear's layout.
     """
     factory: dict[str, Any] = {"dtype": dtype, "device": device}
-    weights = [torch.randn(n_out, n_in, **factory) for n_in, n_out in zip(sizes[:-1], sizes[1:])]
+    weights = [torch.randn(n_out, n_in, **factory) for n_in, n_out in zip(sizes[:-1], sizes[1:], strict=True)]
     h = [torch.randn(batch, n, **factory) for n in sizes[:-1]]
     delta = [torch.randn(batch, n, **factory) for n in sizes[1:]]
 
@@ -408,7 +408,7 @@ def _record(prepared: _Prepared, device: torch.device) -> dict[str, Any]:
     # a cross-check that load drifting between rounds did not tilt the ratios of medians.
     rounds = prepared.rounds_s
     paired = {
-        key: statistics.median(x / y for x, y in zip(rounds[a], rounds[b]))
+        key: statistics.median(x / y for x, y in zip(rounds[a], rounds[b], strict=True))
         if a in rounds and b in rounds
         else None
         for key, (a, b) in RATIOS.items()

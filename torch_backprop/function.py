@@ -124,14 +124,16 @@ class MLPFunction(torch.autograd.Function):
             _tape(ctx, grad_output),
             needs_x=needs[0],
             needs_weight=needs[4 : 4 + depth],
-            needs_bias=needs[4 + depth :],
+            needs_bias=needs[4 + depth : 4 + 2 * depth],
         )
         if mixed:  # under autocast, cast back from the compute dtype
             x, *params = ctx.saved_tensors[: 3 * depth]
             weights, biases, _ = _split(params, depth)
             grad_x = _cast(grad_x, x.dtype)
-            grad_weights = [_cast(g, w.dtype) for g, w in zip(grad_weights, weights)]
-            grad_biases = [_cast(g, b.dtype) if b is not None else None for g, b in zip(grad_biases, biases)]
+            grad_weights = [_cast(g, w.dtype) for g, w in zip(grad_weights, weights, strict=True)]
+            grad_biases = [
+                _cast(g, b.dtype) if b is not None else None for g, b in zip(grad_biases, biases, strict=True)
+            ]
         return (grad_x, None, None, None, *grad_weights, *grad_biases, *(None,) * (depth - 1))
 
 
@@ -152,7 +154,7 @@ def _tape(ctx: Any, grad_output: Tensor) -> Tape:
         outputs = saved[3 * depth :]
     h_last, hidden, pre_activations = outputs[0], outputs[1:depth], iter(outputs[depth:])
     sigma_input = []  # what σ'_l reads: z^(l), h^(l) or nothing
-    for act, h in zip(activations, (*hidden, h_last)):
+    for act, h in zip(activations, (*hidden, h_last), strict=True):
         reads = act.derivative_from
         sigma_input.append(next(pre_activations) if reads == "z" else h if reads == "h" else None)
     weights, masks = params[:depth], params[2 * depth :]
@@ -313,7 +315,7 @@ def lowest_layer(needs_x: bool, needs_weight: Sequence[bool], needs_bias: Sequen
     """The lowest layer the recursion must reach: 0 when ∂x is needed, L when nothing is."""
     if needs_x:
         return 0
-    for k, (weight, bias) in enumerate(zip(needs_weight, needs_bias)):
+    for k, (weight, bias) in enumerate(zip(needs_weight, needs_bias, strict=True)):
         if weight or bias:
             return k
     return len(needs_weight)

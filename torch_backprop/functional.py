@@ -58,7 +58,7 @@ def _check_parameters(weights: Sequence[Tensor], biases: Sequence[Tensor | None]
         raise ValueError("mlp expects at least one weight matrix, got none")
     if len(biases) != len(weights):
         raise ValueError(f"mlp expects {len(weights)} biases (one per weight, or None), got {len(biases)}")
-    for k, (weight, bias) in enumerate(zip(weights, biases)):
+    for k, (weight, bias) in enumerate(zip(weights, biases, strict=True)):
         if not isinstance(weight, Tensor) or weight.dim() != 2:
             raise ValueError(f"mlp expects weights[{k}] to be a 2-D tensor (out, in), got {weight!r:.60}")
         if k > 0 and weight.shape[1] != weights[k - 1].shape[0]:

@@ -96,7 +96,8 @@ class BackpropMLP(nn.Module):
         self.backward_phase: Callable[..., Any] | None = None
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
         self.layers = nn.ModuleList(
-            nn.Linear(n_in, n_out, bias=bias, **factory) for n_in, n_out in zip(sizes[:-1], sizes[1:])
+            nn.Linear(n_in, n_out, bias=bias, **factory)
+            for n_in, n_out in zip(sizes[:-1], sizes[1:], strict=True)
         )
 
     @property
@@ -154,7 +155,7 @@ class BackpropMLP(nn.Module):
         training mode, so native autograd on it is the reference this module is tested against.
         """
         modules: list[nn.Module] = []
-        for k, (layer, act) in enumerate(zip(self.layers, self.activations)):
+        for k, (layer, act) in enumerate(zip(self.layers, self.activations, strict=True)):
             linear = nn.Linear(
                 layer.in_features,
                 layer.out_features,
@@ -251,7 +252,7 @@ class BackpropMLP(nn.Module):
             dtype=weight.dtype,
         )
         with torch.no_grad():
-            for layer, linear in zip(model.layers, linears):
+            for layer, linear in zip(model.layers, linears, strict=True):
                 layer.weight.copy_(linear.weight)
                 layer.weight.requires_grad_(linear.weight.requires_grad)
                 if linear.bias is not None:

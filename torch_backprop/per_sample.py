@@ -136,7 +136,7 @@ class PerSample:
     def _trainable(
         self, needs_weight: Sequence[bool], needs_bias: Sequence[bool]
     ) -> Iterator[tuple[int, str]]:
-        for k, (weight, bias) in enumerate(zip(needs_weight, needs_bias)):
+        for k, (weight, bias) in enumerate(zip(needs_weight, needs_bias, strict=True)):
             if weight:
                 yield k, "weight"
             if bias:

@@ -80,7 +80,7 @@ def _gradient_pairs(
         ["output"] + [f"input[{i}]" for i, x in enumerate(inputs) if x.requires_grad] + [n for n, _ in named]
     )
     pairs = []
-    for name, actual, expected in zip(names, *results):
+    for name, actual, expected in zip(names, *results, strict=True):
         if (actual is None) != (expected is None):
             raise ValueError(f"{name}: one side has no gradient")
         if actual is not None:

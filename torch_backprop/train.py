@@ -234,7 +234,7 @@ def _save_curves(history: list[dict[str, Any]], backends: list[str], path: Path)
     figure = Figure(figsize=(9, 3.5), layout="constrained")
     loss_axes, accuracy_axes = figure.subplots(1, 2)
     epochs = [row["epoch"] for row in history]
-    for backend, style in zip(backends, ("-", "--")):
+    for backend, style in zip(backends, ("-", "--")[: len(backends)], strict=True):
         label = f"{backend} backward" if len(backends) > 1 else None
         rows = [row[backend] for row in history]
         for split, color in (("train", "C0"), ("test", "C1")):
@@ -389,7 +389,7 @@ class _Trainee:
 
 
 def _max_difference(a: nn.Module, b: nn.Module) -> float:
-    return max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))
+    return max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters(), strict=True))
 
 
 def _autocast(args: argparse.Namespace, device: torch.device) -> contextlib.AbstractContextManager[Any]:
@@ -564,7 +564,7 @@ def _train(args: argparse.Namespace) -> None:
             "samples_per_second": totals[-1] / seconds if seconds > 0 else None,
             "lr": trainees[0].optimizer.param_groups[0]["lr"],
         }
-        for trainee, total in zip(trainees, totals):
+        for trainee, total in zip(trainees, totals[:-1], strict=True):
             test_loss, accuracy = _evaluate(trainee, test_set, args, context)
             row[trainee.name] = {
                 "train_loss": total / totals[-1],

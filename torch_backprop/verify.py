@@ -174,7 +174,10 @@ def _table(rows: Sequence[Sequence[str]]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = []
     for n, row in enumerate(rows):
-        cells = [cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))]
+        cells = [
+            cell.ljust(w) if i < 2 else cell.rjust(w)
+            for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        ]
         lines.append("  ".join(cells).rstrip())
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))
@@ -243,7 +246,7 @@ def run(args: argparse.Namespace) -> int:
     if args.show_deltas:
         manual, native = delta_norms(model, x, loss_fn)
         rows = [["δ^(l)", "shape", "‖δ‖ manual", "‖δ‖ autograd", "mean per-sample ‖δ‖", "max abs diff"]]
-        for k, (m, n) in enumerate(zip(manual, native), start=1):
+        for k, (m, n) in enumerate(zip(manual, native, strict=True), start=1):
             rows.append(
                 [
                     f"δ^({k})",
@@ -260,7 +263,7 @@ def run(args: argparse.Namespace) -> int:
             rtol, atol = (1e-7, 1e-7) if dtype == torch.float64 else (1.3e-6, 1e-5)
             if dtype == torch.bfloat16:
                 rtol, atol = 1.6e-2, 1e-5
-        if not all(torch.allclose(m, n, rtol=rtol, atol=atol) for m, n in zip(manual, native)):
+        if not all(torch.allclose(m, n, rtol=rtol, atol=atol) for m, n in zip(manual, native, strict=True)):
             print("deltas: MISMATCH between the manual recursion and autograd")
             failures.append("deltas")
 
