@@ -1,9 +1,41 @@
-"""MLPFunction: the slides' forward and backward phases for a whole fully connected stack.
+r"""MLPFunction: the slides' forward and backward phases for a whole fully connected stack.
 
-Implements "Backpropagation of Deep Neural Network" (A. Tse, UCL, 2022): the forward phase of
-slide 3 and the backward phase of slides 8-10, as one ``torch.autograd.Function`` written in the
-style PyTorch's extending guide asks of functions that ``torch.func`` transforms
-(``forward`` + ``setup_context``, ``generate_vmap_rule = True``).
+Implements "Backpropagation of Deep Neural Network" (A. Tse, UCL, 2022) top-down, in the order of
+slide 10: the forward phase (slide 3), the tape it leaves for the backward phase, the δ recursion
+(BP1-BP2, slides 8-10), the backward phase (BP3-BP5), and last the ``torch.autograd.Function``
+plumbing that connects them to autograd (written in the style PyTorch's extending guide asks of
+functions that ``torch.func`` transforms: ``forward`` + ``setup_context``, ``generate_vmap_rule``).
+
+Notation, used everywhere in this package (BackPACK's manner):
+    N: batch (rows), L: number of layers, n_l: width of layer l, n_0 = in_features.
+    h^(0) = x                                  (N, n_0)
+    z^(l+1) = h^(l) W^(l) + b^(l)              (N, n_{l+1}),  l = 0, ..., L-1
+    h^(l+1) = σ_{l+1}(z^(l+1)) [⊙ m^(l+1)]     (N, n_{l+1}),  m ∈ {0, 1/(1-p)}: optional dropout
+                                               mask of the hidden layers, as nn.Dropout draws it
+    δ^(l) := ∂Q/∂z^(l)                          (N, n_l)
+    W^(l) = ``layers[l].weight.T``             (n_l, n_{l+1}); the code holds nn.Linear's
+                                               ``weight`` (n_{l+1}, n_l), so h W^(l) = h @ weight.T
+
+The slides treat one sample as a row vector; the code carries a batch of rows, so every δ^(l)
+is (N, n_l) and the products over the batch below sum the per-sample gradients.
+
+Equations (slide 10, corrected):
+    BP1  δ^(L) = ∂Q/∂h^(L) ⊙ σ'_L(z^(L))
+    BP2  δ^(l) = σ'_l(z^(l)) ⊙ m^(l) ⊙ (δ^(l+1) W^(l)ᵀ),    l = L-1, ..., 1
+    BP3  ∂W^(l) = h^(l)ᵀ δ^(l+1)        (nn.Linear layout: δ^(l+1)ᵀ h^(l), (n_{l+1}, n_l))
+    BP4  ∂b^(l) = Σ_N δ^(l+1)
+    BP5  ∂x = δ^(1) W^(0)ᵀ
+
+Where this differs from the slides, and why:
+    * The forward loop runs l = 0, ..., L-1 (slide 10 says "l ∈ {1, ..., L-1}", which would skip
+      the first layer; slide 3 has it right).
+    * ∂z_j^(l+1)/∂b_i^(l) = 1 only when i = j, so ∂b^(l) = δ^(l+1), not a sum over j.
+    * The δ recursion sums over j, the index of layer l+1: δ_i^(l) = σ'_l(z_i^(l)) Σ_j W_ij^(l) δ_j^(l+1),
+      i.e. the row vector δ^(l+1) W^(l)ᵀ (slide 8 writes Σ_i and "W^(l) δ^(l+1)").
+    * BP1 takes ∂Q/∂h^(L) from autograd (``grad_output``) instead of Q'(h^(L) - y), so any loss
+      that is a function of h^(L) works; for Q(h - y) it is exactly the slides' Q'(h^(L) - y).
+    * σ' is computed from h = σ(z) where the math allows (ReLU, leaky ReLU, ELU, sigmoid, tanh), so
+      z is kept only for GELU, SiLU and softplus.
 """
 
 from __future__ import annotations
@@ -19,6 +51,7 @@ from .activations import Activation
 
 __all__ = [
     "MLPFunction",
+    "Stack",
     "Tape",
     "apply_mlp",
     "backward_phase",
@@ -28,244 +61,57 @@ __all__ = [
 ]
 
 
-def _split(tensors: Sequence[Any], depth: int) -> tuple[Sequence[Any], Sequence[Any], Sequence[Any]]:
-    """(weights, biases, dropout masks) from the flat argument list: L, L and L - 1 entries."""
-    return tensors[:depth], tensors[depth : 2 * depth], tensors[2 * depth : 3 * depth - 1]
+class Stack(NamedTuple):
+    """The parameters of a stack, as MLPFunction takes them flat: ``(*weights, *biases, *masks)``.
 
-
-def _compute_dtype(x: Tensor, weight: Tensor) -> torch.dtype:
-    """The dtype the layer products run in: autocast's where it applies, else the weights'."""
-    device_type = x.device.type
-    eligible = weight.dtype in (torch.float32, torch.float16, torch.bfloat16)
-    if eligible and torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return weight.dtype
-
-
-class MLPFunction(torch.autograd.Function):
-    r"""The whole stack ``x -> h^(L)`` with the slides' δ recursion as its backward.
-
-    Notation, used everywhere in this package (BackPACK's manner):
-        N: batch (rows), L: number of layers, n_l: width of layer l, n_0 = in_features.
-        h^(0) = x                                  (N, n_0)
-        z^(l+1) = h^(l) W^(l) + b^(l)              (N, n_{l+1}),  l = 0, ..., L-1
-        h^(l+1) = σ_{l+1}(z^(l+1)) [⊙ m^(l+1)]     (N, n_{l+1}),  m ∈ {0, 1/(1-p)}: optional dropout
-                                                   mask of the hidden layers, as nn.Dropout draws it
-        δ^(l) := ∂Q/∂z^(l)                          (N, n_l)
-        W^(l) = ``layers[l].weight.T``             (n_l, n_{l+1}); the code holds nn.Linear's
-                                                   ``weight`` (n_{l+1}, n_l), so h W^(l) = h @ weight.T
-
-    The slides treat one sample as a row vector; the code carries a batch of rows, so every δ^(l)
-    is (N, n_l) and the products over the batch below sum the per-sample gradients.
-
-    Equations (slide 10, corrected):
-        BP1  δ^(L) = ∂Q/∂h^(L) ⊙ σ'_L(z^(L))
-        BP2  δ^(l) = σ'_l(z^(l)) ⊙ m^(l) ⊙ (δ^(l+1) W^(l)ᵀ),    l = L-1, ..., 1
-        BP3  ∂W^(l) = h^(l)ᵀ δ^(l+1)        (nn.Linear layout: δ^(l+1)ᵀ h^(l), (n_{l+1}, n_l))
-        BP4  ∂b^(l) = Σ_N δ^(l+1)
-        BP5  ∂x = δ^(1) W^(0)ᵀ
-
-    Where this differs from the slides, and why:
-        * The forward loop runs l = 0, ..., L-1 (slide 10 says "l ∈ {1, ..., L-1}", which would skip
-          the first layer; slide 3 has it right).
-        * ∂z_j^(l+1)/∂b_i^(l) = 1 only when i = j, so ∂b^(l) = δ^(l+1), not a sum over j.
-        * The δ recursion sums over j, the index of layer l+1: δ_i^(l) = σ'_l(z_i^(l)) Σ_j W_ij^(l) δ_j^(l+1),
-          i.e. the row vector δ^(l+1) W^(l)ᵀ (slide 8 writes Σ_i and "W^(l) δ^(l+1)").
-        * BP1 takes ∂Q/∂h^(L) from autograd (``grad_output``) instead of Q'(h^(L) - y), so any loss
-          that is a function of h^(L) works; for Q(h - y) it is exactly the slides' Q'(h^(L) - y).
-        * σ' is read from h = σ(z) where the math allows (ReLU, leaky ReLU, ELU, sigmoid, tanh), so
-          z is kept only for GELU, SiLU and softplus.
-
-    Three backward paths, each held to native autograd by the tests:
-        * lean (default): forward keeps h^(l) (and z^(l) where σ' needs it); backward is the recursion.
-        * recompute (``recompute=True``): forward keeps only its inputs; backward reruns the forward.
-        * double backward (``create_graph=True``, and inside torch.func): the forward is rerun
-          under autograd, so that the recursion, written in differentiable ops, is itself differentiable
-          in x, W, b and ∂Q/∂h^(L).
-
-    Call as ``MLPFunction.apply(x, activations, recompute, backward_phase, *weights, *biases, *masks)``
-    with x of shape (N, n_0), L weights, L biases (``None`` for none) and L - 1 dropout masks m^(l)
-    (``None`` for none); ``backward_phase`` is ``None`` for :func:`backward_phase`, or a replacement
-    with the same signature (per-sample gradients use one). It returns ``(h^(L), *intermediates)``,
-    of which only h^(L) is differentiable. :func:`torch_backprop.functional.mlp` is the friendly entry point.
+    Attributes:
+        weights: W^(0)ᵀ, ..., W^(L-1)ᵀ in nn.Linear's layout, ``weights[l]`` (n_{l+1}, n_l).
+        biases: b^(0), ..., b^(L-1), each (n_{l+1},) or ``None``.
+        masks: dropout masks m^(1), ..., m^(L-1), each (N, n_l) or ``None``.
     """
 
-    generate_vmap_rule = True
+    weights: Sequence[Tensor]
+    biases: Sequence[Tensor | None]
+    masks: Sequence[Tensor | None]
 
-    @staticmethod
-    def forward(
-        x: Tensor,
-        activations: tuple[Activation, ...],
-        recompute: bool,
-        backward_phase: Any,
-        *params: Tensor | None,
-    ) -> tuple[Tensor, ...]:
-        return forward_phase(x, activations, *params)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
-        ctx.mark_non_differentiable(*output[1:])
-        x, activations, recompute, backward_phase, *params = inputs
-        _save_for_backward(ctx, x, activations, recompute, backward_phase, params, output)
-
-    @staticmethod
-    def backward(ctx: Any, grad_output: Tensor | None, *_: Tensor | None) -> tuple[Tensor | None, ...]:
-        depth = len(ctx.activations)
-        if grad_output is None:
-            return (None,) * (3 * depth + 3)
-        device_type, mixed, _ = ctx.autocast
-        if torch.is_autocast_enabled(device_type):
-            # The backward phase casts explicitly, as native autograd's does; a backward called
-            # inside an autocast region must not recast it (a rerun of the forward sets its own state).
-            with torch.autocast(device_type, enabled=False):
-                return MLPFunction.backward(ctx, grad_output)
-        needs = ctx.needs_input_grad
-        grad_x, grad_weights, grad_biases = (ctx.backward_phase or backward_phase)(
-            _tape(ctx, grad_output),
-            needs_x=needs[0],
-            needs_weight=needs[4 : 4 + depth],
-            needs_bias=needs[4 + depth : 4 + 2 * depth],
-        )
-        if mixed:  # under autocast, cast back from the compute dtype
-            x, *params = ctx.saved_tensors[: 3 * depth]
-            weights, biases, _ = _split(params, depth)
-            grad_x = _cast(grad_x, x.dtype)
-            grad_weights = [_cast(g, w.dtype) for g, w in zip(grad_weights, weights, strict=True)]
-            grad_biases = [
-                _cast(g, b.dtype) if b is not None else None for g, b in zip(grad_biases, biases, strict=True)
-            ]
-        return (grad_x, None, None, None, *grad_weights, *grad_biases, *(None,) * (depth - 1))
+    @classmethod
+    def unflatten(cls, params: Sequence[Any], depth: int) -> Stack:
+        """The stack from the flat list of L weights, L biases and L - 1 masks."""
+        return cls(params[:depth], params[depth : 2 * depth], params[2 * depth : 3 * depth - 1])
 
 
-def _tape(ctx: Any, grad_output: Tensor) -> Tape:
-    """The :class:`Tape` of a forward call: from its saved tensors, or from a rerun of its forward phase."""
-    activations = ctx.activations
-    depth = len(activations)
-    saved = ctx.saved_tensors  # x, W^(0..L-1), b^(0..L-1), m^(1..L-1), then the forward phase's outputs
-    x, params = saved[0], saved[1 : 3 * depth]
-    if ctx.recompute or torch.is_grad_enabled():
-        # Rerun the forward (under autograd when create_graph=True, so the recursion is
-        # differentiable in x, W and b), in the autocast state the forward ran in.
-        device_type, enabled, dtype = ctx.autocast
-        with torch.autocast(device_type, dtype=dtype, enabled=enabled):
-            output = activations[-1].derivative_from != "none"  # else BP1 does not read h^(L)
-            outputs = forward_phase(x, activations, *params, output=output)
-    else:
-        outputs = saved[3 * depth :]
-    h_last, hidden, pre_activations = outputs[0], outputs[1:depth], iter(outputs[depth:])
-    sigma_input = []  # what σ'_l reads: z^(l), h^(l) or nothing
-    for act, h in zip(activations, (*hidden, h_last), strict=True):
-        reads = act.derivative_from
-        sigma_input.append(next(pre_activations) if reads == "z" else h if reads == "h" else None)
-    weights, masks = params[:depth], params[2 * depth :]
-    h = [x, *hidden]
-    for k, mask in enumerate(masks, start=1):
-        if mask is not None:
-            h[k] = h[k] * mask  # h^(k) ⊙ m^(k)
-    dtype = ctx.compute_dtype  # the backward phase runs in the forward's dtype, as native autograd's does
-    if ctx.autocast[1]:  # under autocast, cast into the compute dtype
-        h, weights = [_cast(t, dtype) for t in h], [_cast(t, dtype) for t in weights]
-    return Tape(grad_output, h, sigma_input, weights, masks, activations, dtype)
-
-
-class _EagerMLPFunction(torch.autograd.Function):
-    """MLPFunction in the classic style (``ctx`` in ``forward``), for eager mode outside torch.func.
-
-    The same forward phase, the same saved tensors and the same backward; what it avoids is the
-    per-call argument binding (``inspect.signature``) that autograd does for ``setup_context``
-    Functions, which costs more than a small network's whole step. It returns h^(L) only.
-    """
-
-    @staticmethod
-    def forward(
-        ctx: Any,
-        x: Tensor,
-        activations: tuple[Activation, ...],
-        recompute: bool,
-        backward_phase: Any,
-        *params: Tensor | None,
-    ) -> Tensor:
-        outputs = forward_phase(x, activations, *params)
-        _save_for_backward(ctx, x, activations, recompute, backward_phase, params, outputs)
-        return outputs[0]
-
-    backward = MLPFunction.backward
-
-
-def apply_mlp(
-    x: Tensor,
-    activations: tuple[Activation, ...],
-    recompute: bool,
-    backward_phase: Any,
-    *params: Tensor | None,
-) -> Tensor:
-    """h^(L) of ``MLPFunction.apply`` (same arguments), through the cheaper eager twin where allowed."""
-    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
-        return MLPFunction.apply(x, activations, recompute, backward_phase, *params)[0]
-    return _EagerMLPFunction.apply(x, activations, recompute, backward_phase, *params)
+# ---------------------------------------------------------------------------------------------
+# Forward phase (slide 3).
 
 
 def forward_phase(
-    x: Tensor, activations: Sequence[Activation], *params: Tensor | None, output: bool = True
-) -> tuple[Tensor | None, ...]:
-    """The slides' forward phase: ``(h^(L), *hidden, *pre_activations)``.
+    x: Tensor, activations: Sequence[Activation], stack: Stack, *, output: bool = True
+) -> tuple[Tensor | None, list[Tensor], list[Tensor]]:
+    """The slides' forward phase: ``(h^(L), hidden, pre_activations)``.
 
     ``hidden`` is h^(1), ..., h^(L-1) before dropout (σ' and ∂W read them); ``pre_activations`` is
     z^(l) for the layers whose σ' reads z, in layer order. With ``output=False`` (a rerun for the
     backward phase, when σ'_L is 1) the last layer's product is skipped and h^(L) is ``None``.
     """
+    weights, biases, masks = stack
     depth = len(activations)
     hidden, pre_activations = [], []
     h = x
     for k in range(depth if output else depth - 1):
-        z = F.linear(h, params[k], params[depth + k])  # z^(k+1) = h^(k) W^(k) + b^(k), (N, n_{k+1})
+        z = F.linear(h, weights[k], biases[k])  # z^(k+1) = h^(k) W^(k) + b^(k), (N, n_{k+1})
         act = activations[k]
         if act.derivative_from == "z":
             pre_activations.append(z)
         h = act.forward(z)  # h^(k+1) = σ(z^(k+1))
         if k < depth - 1:
             hidden.append(h)
-            mask = params[2 * depth + k]
-            if mask is not None:
-                h = h * mask  # h^(k+1) ⊙ m^(k+1)
-    return (h if output else None, *hidden, *pre_activations)
+            if masks[k] is not None:
+                h = h * masks[k]  # h^(k+1) ⊙ m^(k+1)
+    return (h if output else None), hidden, pre_activations
 
 
-def _save_for_backward(
-    ctx: Any,
-    x: Tensor,
-    activations: tuple[Activation, ...],
-    recompute: bool,
-    backward_phase: Any,
-    params: Sequence[Tensor | None],
-    outputs: Sequence[Tensor | None],
-) -> None:
-    """Keep what the backward phase reads: x, the parameters and (unless ``recompute``) ``outputs``.
-
-    ``outputs`` is the forward phase's ``(h^(L), *hidden, *pre_activations)``; h^(L) is kept only
-    where σ'_L reads it.
-    """
-    ctx.set_materialize_grads(False)
-    ctx.activations, ctx.recompute, ctx.backward_phase = activations, recompute, backward_phase
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        ctx.autocast = (device_type, True, torch.get_autocast_dtype(device_type))
-        ctx.compute_dtype = _compute_dtype(x, params[0])
-    else:
-        ctx.autocast = (device_type, False, None)
-        ctx.compute_dtype = params[0].dtype
-    # Parameters are saved by reference (no copy; they live anyway), so that create_graph=True
-    # can rerun the forward phase.
-    if recompute:
-        ctx.save_for_backward(x, *params)
-    elif activations[-1].derivative_from == "h":
-        ctx.save_for_backward(x, *params, *outputs)
-    else:
-        ctx.save_for_backward(x, *params, None, *outputs[1:])
-
-
-def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
-    return t if t is None or t.dtype == dtype else t.to(dtype)
+# ---------------------------------------------------------------------------------------------
+# The tape: what the backward phase reads.
 
 
 class Tape(NamedTuple):
@@ -273,8 +119,9 @@ class Tape(NamedTuple):
 
     Attributes:
         grad_output: ∂Q/∂h^(L), (N, n_L).
-        h: h^(0), ..., h^(L-1), the layer inputs; h[l] is (N, n_l).
-        sigma_input: for l = 1, ..., L (at index l - 1), the tensor σ'_l reads: h^(l), z^(l) or None.
+        h: h^(0), ..., h^(L-1), the layer inputs (dropout applied); h[l] is (N, n_l).
+        sigma_prime_from: for l = 1, ..., L (at index l - 1), the tensor σ'_l is computed from, as
+            its activation's ``derivative_from`` says: h^(l) (before dropout), z^(l), or ``None``.
         weights: W^(0)ᵀ, ..., W^(L-1)ᵀ (nn.Linear layout).
         masks: dropout masks m^(1), ..., m^(L-1) (or None).
         activations: σ_1, ..., σ_L.
@@ -284,11 +131,44 @@ class Tape(NamedTuple):
 
     grad_output: Tensor
     h: Sequence[Tensor]
-    sigma_input: Sequence[Tensor | None]
+    sigma_prime_from: Sequence[Tensor | None]
     weights: Sequence[Tensor]
     masks: Sequence[Tensor | None]
     activations: Sequence[Activation]
     dtype: torch.dtype
+
+
+def make_tape(
+    grad_output: Tensor,
+    x: Tensor,
+    activations: Sequence[Activation],
+    stack: Stack,
+    forward: tuple[Tensor | None, Sequence[Tensor], Sequence[Tensor]],
+    dtype: torch.dtype,
+    cast: bool,
+) -> Tape:
+    """The :class:`Tape` from the forward phase's ``(h^(L), hidden, pre_activations)``.
+
+    With ``cast`` (under autocast), h^(l) and the weights are cast into the compute ``dtype``.
+    """
+    h_last, hidden, pre_activations = forward
+    pre_activations = iter(pre_activations)
+    sigma_prime_from = []
+    for act, h in zip(activations, (*hidden, h_last), strict=True):
+        reads = act.derivative_from
+        sigma_prime_from.append(next(pre_activations) if reads == "z" else h if reads == "h" else None)
+    h = [x, *hidden]
+    for k, mask in enumerate(stack.masks, start=1):
+        if mask is not None:
+            h[k] = h[k] * mask  # h^(k) ⊙ m^(k)
+    weights = stack.weights
+    if cast:
+        h, weights = [_cast(t, dtype) for t in h], [_cast(t, dtype) for t in weights]
+    return Tape(grad_output, h, sigma_prime_from, weights, stack.masks, activations, dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# The δ recursion (BP1-BP2) and the backward phase (BP3-BP5), slides 8-10.
 
 
 def deltas(tape: Tape, lowest: int = 0) -> Iterator[tuple[int, Tensor]]:
@@ -297,7 +177,7 @@ def deltas(tape: Tape, lowest: int = 0) -> Iterator[tuple[int, Tensor]]:
     A generator, so a caller can use each δ^(l+1) (for ∂W^(l), ∂b^(l)) before the next is made.
     """
     depth = len(tape.activations)
-    delta = tape.activations[-1].backprop(tape.grad_output, tape.sigma_input[-1])  # BP1, δ^(L): (N, n_L)
+    delta = tape.activations[-1].backprop(tape.grad_output, tape.sigma_prime_from[-1])  # BP1, (N, n_L)
     if delta.dtype != tape.dtype:
         delta = delta.to(tape.dtype)
     for k in reversed(range(lowest, depth)):
@@ -308,7 +188,7 @@ def deltas(tape: Tape, lowest: int = 0) -> Iterator[tuple[int, Tensor]]:
         if tape.masks[k - 1] is not None:
             back = back * tape.masks[k - 1]
         # BP2, δ^(k): (N, n_k), written into the fresh product
-        delta = tape.activations[k - 1].backprop(back, tape.sigma_input[k - 1], overwrite=True)
+        delta = tape.activations[k - 1].backprop(back, tape.sigma_prime_from[k - 1], overwrite=True)
 
 
 def lowest_layer(needs_x: bool, needs_weight: Sequence[bool], needs_bias: Sequence[bool]) -> int:
@@ -338,3 +218,183 @@ def backward_phase(
         if k == 0 and needs_x:
             grad_x = delta.mm(tape.weights[0])  # BP5, (N, n_0)
     return grad_x, grad_weights, grad_biases
+
+
+# ---------------------------------------------------------------------------------------------
+# Autograd plumbing: MLPFunction connects the phases above to autograd.
+
+
+class MLPFunction(torch.autograd.Function):
+    """The whole stack ``x -> h^(L)`` with the slides' δ recursion as its backward.
+
+    Notation and equations: see this module's docstring (BP1-BP5).
+
+    Three backward paths, each held to native autograd by the tests:
+        * lean (default): forward keeps h^(l) (and z^(l) where σ' needs it); backward is the recursion.
+        * recompute (``recompute=True``): forward keeps only its inputs; backward reruns the forward.
+        * double backward (``create_graph=True``, and inside torch.func): the forward is rerun
+          under autograd, so that the recursion, written in differentiable ops, is itself differentiable
+          in x, W, b and ∂Q/∂h^(L).
+
+    Call as ``MLPFunction.apply(x, activations, recompute, backward_phase, *weights, *biases, *masks)``
+    with x of shape (N, n_0) and the :class:`Stack` flattened: L weights, L biases (``None`` for none)
+    and L - 1 dropout masks m^(l) (``None`` for none); ``backward_phase`` is ``None`` for
+    :func:`backward_phase`, or a replacement with the same signature (per-sample gradients use one).
+    It returns ``(h^(L), *hidden, *pre_activations)``, of which only h^(L) is differentiable.
+    :func:`torch_backprop.functional.mlp` is the friendly entry point.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(
+        x: Tensor,
+        activations: tuple[Activation, ...],
+        recompute: bool,
+        backward_phase: Any,
+        *params: Tensor | None,
+    ) -> tuple[Tensor, ...]:
+        h_last, hidden, pre_activations = forward_phase(
+            x, activations, Stack.unflatten(params, len(activations))
+        )
+        return (h_last, *hidden, *pre_activations)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
+        ctx.mark_non_differentiable(*output[1:])
+        x, activations, recompute, backward_phase, *params = inputs
+        depth = len(activations)
+        forward = (output[0], output[1:depth], output[depth:])
+        _save_for_backward(ctx, x, activations, recompute, backward_phase, params, forward)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor | None, *_: Tensor | None) -> tuple[Tensor | None, ...]:
+        depth = len(ctx.activations)
+        if grad_output is None:
+            return (None,) * (3 * depth + 3)
+        device_type, mixed, _ = ctx.autocast
+        if torch.is_autocast_enabled(device_type):
+            # The backward phase casts explicitly, as native autograd's does; a backward called
+            # inside an autocast region must not recast it (a rerun of the forward sets its own state).
+            with torch.autocast(device_type, enabled=False):
+                return MLPFunction.backward(ctx, grad_output)
+        needs = ctx.needs_input_grad
+        grad_x, grad_weights, grad_biases = (ctx.backward_phase or backward_phase)(
+            _tape(ctx, grad_output),
+            needs_x=needs[0],
+            needs_weight=needs[4 : 4 + depth],
+            needs_bias=needs[4 + depth : 4 + 2 * depth],
+        )
+        if mixed:  # under autocast, cast back from the compute dtype
+            x, *params = ctx.saved_tensors[: 3 * depth]
+            stack = Stack.unflatten(params, depth)
+            grad_x = _cast(grad_x, x.dtype)
+            grad_weights = [_cast(g, w.dtype) for g, w in zip(grad_weights, stack.weights, strict=True)]
+            grad_biases = [
+                _cast(g, b.dtype) if b is not None else None
+                for g, b in zip(grad_biases, stack.biases, strict=True)
+            ]
+        return (grad_x, None, None, None, *grad_weights, *grad_biases, *(None,) * (depth - 1))
+
+
+def _tape(ctx: Any, grad_output: Tensor) -> Tape:
+    """The :class:`Tape` of a forward call: from its saved tensors, or from a rerun of its forward phase."""
+    activations = ctx.activations
+    depth = len(activations)
+    saved = ctx.saved_tensors  # x, the flat Stack (3L - 1), then (h^(L), *hidden, *pre_activations)
+    x, stack = saved[0], Stack.unflatten(saved[1 : 3 * depth], depth)
+    if ctx.recompute or torch.is_grad_enabled():
+        # Rerun the forward (under autograd when create_graph=True, so the recursion is
+        # differentiable in x, W and b), in the autocast state the forward ran in.
+        device_type, enabled, dtype = ctx.autocast
+        with torch.autocast(device_type, dtype=dtype, enabled=enabled):
+            output = activations[-1].derivative_from != "none"  # else BP1 does not read h^(L)
+            forward = forward_phase(x, activations, stack, output=output)
+    else:
+        kept = saved[3 * depth :]
+        forward = (kept[0], kept[1:depth], kept[depth:])
+    return make_tape(grad_output, x, activations, stack, forward, ctx.compute_dtype, ctx.autocast[1])
+
+
+class _EagerMLPFunction(torch.autograd.Function):
+    """MLPFunction in the classic style (``ctx`` in ``forward``), for eager mode outside torch.func.
+
+    The same forward phase, the same saved tensors and the same backward; what it avoids is the
+    per-call argument binding (``inspect.signature``) that autograd does for ``setup_context``
+    Functions, which costs more than a small network's whole step. It returns h^(L) only.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        activations: tuple[Activation, ...],
+        recompute: bool,
+        backward_phase: Any,
+        *params: Tensor | None,
+    ) -> Tensor:
+        forward = forward_phase(x, activations, Stack.unflatten(params, len(activations)))
+        _save_for_backward(ctx, x, activations, recompute, backward_phase, params, forward)
+        return forward[0]
+
+    backward = MLPFunction.backward
+
+
+def apply_mlp(
+    x: Tensor,
+    activations: tuple[Activation, ...],
+    recompute: bool,
+    backward_phase: Any,
+    *params: Tensor | None,
+) -> Tensor:
+    """h^(L) of ``MLPFunction.apply`` (same arguments), through the cheaper eager twin where allowed."""
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return MLPFunction.apply(x, activations, recompute, backward_phase, *params)[0]
+    return _EagerMLPFunction.apply(x, activations, recompute, backward_phase, *params)
+
+
+def _save_for_backward(
+    ctx: Any,
+    x: Tensor,
+    activations: tuple[Activation, ...],
+    recompute: bool,
+    backward_phase: Any,
+    params: Sequence[Tensor | None],
+    forward: tuple[Tensor | None, Sequence[Tensor], Sequence[Tensor]],
+) -> None:
+    """Keep what the backward phase reads: x, the parameters and (unless ``recompute``) ``forward``.
+
+    ``forward`` is the forward phase's ``(h^(L), hidden, pre_activations)``; h^(L) is kept only
+    where σ'_L reads it.
+    """
+    ctx.set_materialize_grads(False)
+    ctx.activations, ctx.recompute, ctx.backward_phase = activations, recompute, backward_phase
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        ctx.autocast = (device_type, True, torch.get_autocast_dtype(device_type))
+        ctx.compute_dtype = compute_dtype(x, params[0])
+    else:
+        ctx.autocast = (device_type, False, None)
+        ctx.compute_dtype = params[0].dtype
+    # Parameters are saved by reference (no copy; they live anyway), so that create_graph=True
+    # can rerun the forward phase.
+    if recompute:
+        ctx.save_for_backward(x, *params)
+        return
+    h_last, hidden, pre_activations = forward
+    if activations[-1].derivative_from != "h":
+        h_last = None
+    ctx.save_for_backward(x, *params, h_last, *hidden, *pre_activations)
+
+
+def compute_dtype(x: Tensor, weight: Tensor) -> torch.dtype:
+    """The dtype the layer products run in: autocast's where it applies, else the weights'."""
+    device_type = x.device.type
+    eligible = weight.dtype in (torch.float32, torch.float16, torch.bfloat16)
+    if eligible and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return weight.dtype
+
+
+def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    return t if t is None or t.dtype == dtype else t.to(dtype)

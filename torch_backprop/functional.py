@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .activations import Activation, ActivationLike, resolve_activations
-from .function import _compute_dtype, apply_mlp
+from .function import apply_mlp, compute_dtype
 
 __all__ = ["check_input", "checked_mlp", "dropout_masks", "mlp"]
 
@@ -147,7 +147,7 @@ def checked_mlp(
     x = input if rows else input.reshape(-1, input.shape[-1])
     if training and dropout > 0 and len(weights) > 1:
         widths = [weight.shape[0] for weight in weights[:-1]]
-        masks = dropout_masks(x.shape[0], widths, dropout, _compute_dtype(x, weights[0]), x.device)
+        masks = dropout_masks(x.shape[0], widths, dropout, compute_dtype(x, weights[0]), x.device)
     else:
         masks = [None] * (len(weights) - 1)
     h_last = apply_mlp(x, activations, recompute, backward_phase, *weights, *biases, *masks)
