@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
                 max_grad_norm=args.max_grad_norm,
                 batch_size=args.batch_size,
                 generator=generator,
-                loss_reduction="sum",
+                loss_reduction="mean",  # (S + noise) / expected batch size
             )
             steps += 1
         print(f"epoch {epoch}: test accuracy {accuracy(model, x_test, y_test):.4f}")

@@ -208,15 +208,18 @@ def test_result_does_not_depend_on_batch_split() -> None:
     assert_close(torch.cat(part_norms), expected_norms, TOL, "norms")
 
 
-def test_backward_calls_in_one_block_add_up() -> None:
+def test_backward_calls_in_one_block_are_new_samples() -> None:
+    # Opacus's convention for gradient accumulation: grad_sample and norms are concatenated.
     model = make_model("sigmoid")
-    x, y = make_data((BATCH,))
-    loop = loop_grads(model, x, y, "sum")
-    with per_sample(model, loss_reduction="sum"):
-        batch_loss(model(x), y, "sum").backward()
-        batch_loss(model(x), y, "sum").backward()
-    for p, expected in zip(model.parameters(), loop, strict=True):
-        assert_close(p.grad_sample, 2 * expected, TOL, "grad_sample")
+    (x1, y1), (x2, y2) = make_data((BATCH,)), make_data((3,))
+    loops = [loop_grads(model, x1, y1, "sum"), loop_grads(model, x2, y2, "sum")]
+    with per_sample(model, loss_reduction="sum") as ps:
+        batch_loss(model(x1), y1, "sum").backward()
+        batch_loss(model(x2), y2, "sum").backward()
+    for p, first, second in zip(model.parameters(), *loops, strict=True):
+        assert_close(p.grad_sample, torch.cat([first, second]), TOL, "grad_sample")
+        assert_close(p.grad, first.sum(0) + second.sum(0), TOL, ".grad")
+    assert_close(ps.norms, torch.cat([flat_norms(loops[0]), flat_norms(loops[1])]), TOL, "norms")
 
 
 def test_empty_batch() -> None:
@@ -346,7 +349,7 @@ def test_not_a_backprop_mlp() -> None:
 
 def test_input_without_batch_dimension() -> None:
     model = make_model()
-    with per_sample(model), pytest.raises(ValueError, match="batch dimension"):
+    with per_sample(model), pytest.raises(ValueError, match="sample dimension"):
         model(torch.randn(SIZES[0], dtype=DTYPE))
     assert model.backward_phase is None
 
@@ -379,16 +382,17 @@ def test_dp_sgd_step_noise_has_the_calibrated_scale(reduction: str) -> None:
     sigma, clip = 2.0, 0.5
     with per_sample(model, loss_reduction=reduction, max_grad_norm=clip):
         batch_loss(model(x), y, reduction).backward()
-    multiplier = 1 if reduction == "mean" else BATCH
-    clipped_mean = [p.grad.clone() * (1 / multiplier) for p in model.parameters()]
+    # Opacus's DPOptimizer: "mean" gives (S + N(0, (σC)²)) / B, "sum" gives S + N(0, (σC)²).
+    clipped = [p.grad.clone() for p in model.parameters()]  # S / B ("mean") or S ("sum")
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     dp_sgd_step(
         model, optimizer, sigma, clip, BATCH, torch.Generator().manual_seed(3), loss_reduction=reduction
     )
-    noise = torch.cat([(p.grad - g).flatten() for p, g in zip(model.parameters(), clipped_mean, strict=True)])
-    # 1,363 draws of N(0, (σC/B)²): the sample std is within 10% with overwhelming probability.
-    assert noise.std().item() == pytest.approx(sigma * clip / BATCH, rel=0.1)
-    assert noise.mean().abs().item() < 4 * sigma * clip / BATCH / math.sqrt(noise.numel())
+    noise = torch.cat([(p.grad - g).flatten() for p, g in zip(model.parameters(), clipped, strict=True)])
+    std = sigma * clip / (BATCH if reduction == "mean" else 1)
+    # 1,363 draws of N(0, std²): the sample std is within 10% with overwhelming probability.
+    assert noise.std().item() == pytest.approx(std, rel=0.1)
+    assert noise.mean().abs().item() < 4 * std / math.sqrt(noise.numel())
 
 
 @pytest.mark.parametrize(

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from . import activations, functional, testing
 from .activations import Activation, available_activations, get_activation, register_activation
+from .dp import dp_sgd_step
 from .function import MLPFunction
 from .module import BackpropMLP
-from .per_sample import dp_sgd_step, per_sample
+from .per_sample import per_sample
 
 __all__ = [
     "Activation",

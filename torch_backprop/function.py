@@ -40,7 +40,7 @@ Where this differs from the slides, and why:
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -202,15 +202,25 @@ def lowest_layer(needs_x: bool, needs_weight: Sequence[bool], needs_bias: Sequen
 
 
 def backward_phase(
-    tape: Tape, *, needs_x: bool, needs_weight: Sequence[bool], needs_bias: Sequence[bool]
+    tape: Tape,
+    *,
+    needs_x: bool,
+    needs_weight: Sequence[bool],
+    needs_bias: Sequence[bool],
+    on_delta: Callable[[int, Tensor], Any] | None = None,
 ) -> tuple[Tensor | None, list[Tensor | None], list[Tensor | None]]:
-    """The slides' backward phase, BP1-BP5: (∂x, [∂W^(l)], [∂b^(l)]), ``None`` where not needed."""
+    """The slides' backward phase, BP1-BP5: (∂x, [∂W^(l)], [∂b^(l)]), ``None`` where not needed.
+
+    ``on_delta(l, δ^(l+1))``, if given, sees every δ the recursion makes (it must not modify it).
+    """
     depth = len(tape.activations)
     grad_x, grad_weights, grad_biases = None, [None] * depth, [None] * depth
     lowest = lowest_layer(needs_x, needs_weight, needs_bias)
     if lowest == depth:
         return grad_x, grad_weights, grad_biases
     for k, delta in deltas(tape, lowest):
+        if on_delta is not None:
+            on_delta(k, delta)
         if needs_weight[k]:
             grad_weights[k] = delta.t().mm(tape.h[k])  # BP3, (n_{k+1}, n_k)
         if needs_bias[k]:

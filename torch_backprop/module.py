@@ -12,12 +12,31 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules import module as _module_hooks
 
+from . import interop
 from .activations import Activation, ActivationLike, activation_from_module, resolve_activations
 from .functional import check_input, checked_mlp
 
 __all__ = ["BackpropMLP"]
+
+_PLAIN = (nn.Parameter, Tensor, type(None))
+
+
+def _global_module_hooks() -> bool:
+    """Whether hooks for every module (``torch.nn.modules.module.register_module_*_hook``) exist."""
+    return bool(
+        _module_hooks._global_forward_hooks
+        or _module_hooks._global_forward_pre_hooks
+        or _module_hooks._global_backward_hooks
+        or _module_hooks._global_backward_pre_hooks
+    )
+
+
+def _phase_name(phase: Any) -> str:
+    return getattr(phase, "name", None) or f"the backward phase {phase!r}"
 
 
 class BackpropMLP(nn.Module):
@@ -52,7 +71,8 @@ class BackpropMLP(nn.Module):
             shape ``(sizes[l+1], sizes[l])``, initialised as ``nn.Linear`` does.
         activations (tuple[Activation, ...]): σ_1, ..., σ_L (the last is the output activation).
         backward_phase: ``None`` for the slides' backward phase, or a replacement with the
-            signature of :func:`torch_backprop.function.backward_phase` (:func:`per_sample` sets one).
+            signature of :func:`torch_backprop.function.backward_phase`, or an object whose
+            ``bind(model, input)`` returns one for each forward call (:func:`per_sample` sets one).
 
     Raises:
         ValueError: fewer than 2 sizes, a non-positive size, a dropout outside [0, 1), an unknown
@@ -116,19 +136,29 @@ class BackpropMLP(nn.Module):
             layer.reset_parameters()
 
     def forward(self, input: Tensor) -> Tensor:
-        """The stack's output; its backward is the slides' δ recursion."""
-        # The registered submodules and parameters are read from their dicts: nn.Module.__getattr__
-        # costs about as much per lookup as a small layer's product.
-        weights, biases = [], []
-        for layer in self._modules["layers"]:
-            params = layer._parameters
-            if type(layer) is nn.Linear and "weight" in params and "bias" in params:
-                weights.append(params["weight"])
-                biases.append(params["bias"])
-            else:  # a parametrized (torch.nn.utils.parametrize) or pruned layer: its weight is computed
-                weights.append(layer.weight)
-                biases.append(layer.bias)
+        """The stack's output; its backward is the slides' δ recursion.
+
+        When a layer must run its own ``forward`` (it carries module hooks, is pruned, overrides
+        ``forward``, or holds a tensor subclass such as Opacus's expanded weights), the stack runs
+        layer by layer exactly as :meth:`to_sequential` would, so every hook fires with the
+        tensors it would see there; Opacus's own per-sample hooks are served by the fused stack
+        instead (:mod:`torch_backprop.interop`).
+        """
+        weights, biases, plain, hooked = self._stack_parameters()
+        phase = self.backward_phase
+        opacus = interop.opacus_hooks(self._modules["layers"]) if plain and hooked else None
+        if not plain or (hooked and opacus is None):
+            return self._forward_layer_by_layer(input, phase)
         check_input(input, weights[0], "BackpropMLP")
+        if opacus is not None:
+            if phase is not None:
+                raise RuntimeError(
+                    f"BackpropMLP: Opacus's grad-sample hooks are on its layers and {_phase_name(phase)} "
+                    "is active too; use one per-sample mechanism at a time"
+                )
+            phase = interop.OpacusPhase(opacus, self._modules["layers"], input)
+        elif phase is not None and hasattr(phase, "bind"):
+            phase = phase.bind(self, input)  # a per-forward phase, e.g. per_sample's (bound to the batch)
         return checked_mlp(
             input,
             weights,
@@ -137,8 +167,86 @@ class BackpropMLP(nn.Module):
             self.dropout,
             self.training,
             self.recompute,
-            self.backward_phase,
+            phase,
         )
+
+    def _stack_parameters(self) -> tuple[list[Tensor], list[Tensor | None], bool, bool]:
+        """``(weights, biases, plain, hooked)``: the layers' parameters, and two flags.
+
+        ``plain``: the fused stack computes what the layers' own forward would; ``hooked``: module
+        hooks are registered on them.
+
+        The registered parameters are read from their dicts: nn.Module.__getattr__ costs about as
+        much per lookup as a small layer's product.
+        """
+        weights, biases = [], []
+        plain, hooked = not _global_module_hooks(), False
+        for layer in self._modules["layers"]:
+            params = layer._parameters
+            if type(layer) is nn.Linear and "weight" in params and "bias" in params:
+                weight, bias = params["weight"], params["bias"]
+            else:  # a parametrized (torch.nn.utils.parametrize) or pruned layer: its weight is computed
+                weight, bias = layer.weight, layer.bias
+                plain = plain and type(layer).forward is nn.Linear.forward
+            if (
+                layer._forward_hooks
+                or layer._forward_pre_hooks
+                or layer._backward_hooks
+                or layer._backward_pre_hooks
+            ):
+                hooked = True
+            if type(weight) not in _PLAIN or type(bias) not in _PLAIN:
+                plain = False  # a tensor subclass overrides what F.linear does (e.g. ExpandedWeight)
+            weights.append(weight)
+            biases.append(bias)
+        return weights, biases, plain, hooked
+
+    def _forward_layer_by_layer(self, input: Tensor, phase: Any) -> Tensor:
+        """The stack as :meth:`to_sequential` runs it: ``layers[l](h)``, σ, dropout, under native autograd."""
+        if phase is not None:
+            raise RuntimeError(
+                f"BackpropMLP: {_phase_name(phase)} needs the fused stack, but its layers must run one "
+                f"by one ({self._why_layer_by_layer()}); remove the hooks or use the native twin"
+            )
+        check_input(input, self.layers[0].weight, "BackpropMLP")
+        h = input
+        last = len(self.layers) - 1
+        for k, (layer, act) in enumerate(zip(self.layers, self.activations, strict=True)):
+            h = act.fn(layer(h))  # h^(k+1) = σ(z^(k+1)), z^(k+1) by the layer's own forward (and hooks)
+            if k < last and self.dropout:
+                h = F.dropout(h, self.dropout, self.training)
+        return h
+
+    def _why_layer_by_layer(self) -> str:
+        reasons = []
+        if _global_module_hooks():
+            reasons.append("global module hooks are registered")
+        for k, layer in enumerate(self.layers):
+            kinds = [
+                name
+                for name, hooks in (
+                    ("forward", layer._forward_hooks),
+                    ("forward pre", layer._forward_pre_hooks),
+                    ("backward", layer._backward_hooks),
+                    ("backward pre", layer._backward_pre_hooks),
+                )
+                if hooks
+            ]
+            if kinds:
+                reasons.append(f"layers[{k}] has {' and '.join(kinds)} hooks")
+            elif type(layer).forward is not nn.Linear.forward:
+                reasons.append(f"layers[{k}] ({type(layer).__name__}) overrides forward")
+            elif type(layer.weight) not in _PLAIN or type(layer.bias) not in _PLAIN:
+                reasons.append(f"layers[{k}] holds a {type(layer.weight).__name__} weight")
+        return "; ".join(reasons) or "unknown"
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A copy or pickle is a plain model: a per-forward phase (per_sample's) belongs to the
+        # block that set it on this model, not to copies taken inside that block.
+        state = self.__dict__.copy()
+        if hasattr(state.get("backward_phase"), "bind"):
+            state["backward_phase"] = None
+        return state
 
     def extra_repr(self) -> str:
         text = f"sizes={self.sizes}, activations={list(self.activations)}"

@@ -3,8 +3,8 @@ r"""Per-sample gradients, per-sample norms and DP-SGD clipping inside the one ba
 The slides compute ∇Q_θ(x, y) for one sample: layer l's gradient is the outer product
 h^(l) ⊗ δ^(l+1) (BP3). The backward phase holds every h^(l) and δ^(l) of the batch at once, so each
 sample's gradient, its norm and its clipped contribution come from the same tensors the ordinary
-backward uses. Notation as in :class:`~torch_backprop.function.MLPFunction`, plus
-    B: samples, T: rows per sample (T = prod(*) for input (B, *, n_0); T = 1 for (B, n_0)),
+backward uses. Notation as in :mod:`torch_backprop.function`, plus
+    B: samples, T: rows per sample (all input dimensions but the sample's and the features'),
     N = B T rows, b: sample, t: row within a sample, s = B for ``"mean"``, 1 for ``"sum"``.
 
     PS1  g_b^(l) = s Σ_t δ_bt^(l+1) ⊗ h_bt^(l)                 per-sample ∂W^(l), (n_{l+1}, n_l)
@@ -17,48 +17,153 @@ backward uses. Notation as in :class:`~torch_backprop.function.MLPFunction`, plu
 PS4 is BP3-BP4 with every row of δ^(l+1) scaled by its sample's c_b, so it equals Σ_b c_b g_b for
 ``"sum"`` and Σ_b c_b g_b / B for ``"mean"`` (the factor s of PS1 cancels the mean's 1/B).
 
+BackPACK's first-order quantities use BackPACK's scaling: the per-sample gradient as it enters the
+loss, γ_b = g_b / s (BackPACK's ``grad_batch``), so that Σ_b γ_b = ``.grad``:
+    BL   ``batch_l2``[b] = ‖γ_b‖²                       (B,) per parameter; PS2 without s²
+    SGS  ``sum_grad_squared`` = Σ_b γ_b ⊙ γ_b           = (δ ⊙ δ)ᵀ (h ⊙ h) for T = 1, no γ_b built
+    VAR  ``variance`` = SGS / B - (Σ_b γ_b / B)²        (BackPACK's ``Variance``)
+
 Cost, over a plain backward (BP1-BP5):
-    * clipping, T = 1: all δ^(l) kept at once (the memory of one more activation stack), plus
-      O(N Σ_l (n_l + n_{l+1})) for the norms and the scaling: no (B, n_{l+1}, n_l) tensor is built.
-    * clipping, T > 1: per layer, the cheaper of the Gram form, O(B T² (n_l + n_{l+1})) time and
-      O(B T²) memory, and materialising g_b^(l) one layer at a time, O(B T n_l n_{l+1}) time and
+    * norms and clipping, T = 1: all δ^(l) kept at once (the memory of one more activation stack),
+      plus O(N Σ_l (n_l + n_{l+1})) for the norms and the scaling: no (B, n_{l+1}, n_l) tensor is built.
+    * norms and clipping, T > 1: per layer, the cheaper of the Gram form, O(B T² (n_l + n_{l+1})) time
+      and O(B T²) memory, and materialising g_b^(l) one layer at a time, O(B T n_l n_{l+1}) time and
       O(B n_l n_{l+1}) memory; the Gram form is used when T (n_l + n_{l+1}) ≤ n_l n_{l+1}.
-    * ``grad_sample`` (no clipping): the (B, *p.shape) tensors themselves, O(B T n_l n_{l+1}).
+    * ``grad_sample`` / ``grad_batch``: the (B, *p.shape) tensors themselves; ``sum_grad_squared``
+      and ``variance``: one product per layer for T = 1, one layer's γ_b at a time for T > 1.
 
 Conventions follow Opacus: ``p.grad_sample[b]`` is the gradient of sample b's own loss term ℓ_b,
-whatever the reduction, and norms and the clipping threshold refer to those gradients.
+whatever the reduction, norms and the clipping threshold refer to those gradients, and
+``batch_first`` says where the sample dimension is.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
+from . import dp
 from .function import Tape, deltas, lowest_layer
 from .module import BackpropMLP
 
-__all__ = ["PerSample", "dp_sgd_step", "per_sample"]
+__all__ = ["PerSample", "per_sample"]
 
 _REDUCTIONS = ("mean", "sum")
+_BACKPACK = ("grad_batch", "batch_l2", "sum_grad_squared", "variance")
+_run_at_end_of_backward = torch.autograd.Variable._execution_engine.queue_callback
 
 
-class _PerSamplePhase:
-    """The per-sample backward phase, bound to one forward call's batch shape (B, T)."""
+class Layout(NamedTuple):
+    """Where the samples are among the N = prod(lead) rows of a forward call's input."""
 
-    def __init__(self, owner: PerSample, batch: int | None, steps: int | None) -> None:
-        self.owner, self.batch, self.steps = owner, batch, steps
+    lead: tuple[int, ...]  # input.shape[:-1]
+    batch_dim: int  # 0 (batch_first) or 1
+
+    @property
+    def batch(self) -> int:
+        return self.lead[self.batch_dim]
+
+    @property
+    def steps(self) -> int:
+        return math.prod(n for d, n in enumerate(self.lead) if d != self.batch_dim)
+
+    def by_sample(self, rows: Tensor) -> Tensor:
+        """(N, n) rows -> (B, T, n), sample b's T rows together."""
+        if self.batch_dim == 0:
+            return rows.reshape(self.batch, self.steps, rows.shape[1])
+        return rows.reshape(*self.lead, rows.shape[1]).movedim(1, 0).reshape(self.batch, self.steps, -1)
+
+    def each_row(self, values: Tensor) -> Tensor:
+        """(B,) per-sample values -> (N,): each row gets its sample's value."""
+        if self.steps == 1:
+            return values
+        shape = [1] * len(self.lead)
+        shape[self.batch_dim] = self.batch
+        return values.view(shape).expand(self.lead).reshape(-1)
+
+
+class _Layer(NamedTuple):
+    """One trainable parameter's per-sample terms in one backward, unscaled (γ_b, not g_b)."""
+
+    squared_norms: Tensor  # ‖γ_b‖², (B,), float32 at least
+    samples: Tensor | None  # γ_b, (B, *p.shape), where asked for
+    sum_squared: Tensor | None  # Σ_b γ_b ⊙ γ_b, p.shape, where asked for
+
+
+def _weight_terms(delta: Tensor, h: Tensor, layout: Layout, samples: bool, sum_squared: bool) -> _Layer:
+    """PS1-PS2 and SGS for ∂W^(l) from δ^(l+1) (N, n_{l+1}) and h^(l) (N, n_l), without s."""
+    dtype = torch.promote_types(delta.dtype, torch.float32)
+    if layout.steps == 1 and layout.batch_dim == 0:
+        delta_squared = torch.linalg.vector_norm(delta, dim=1, dtype=dtype).square()  # ‖δ_b‖², (B,)
+        h_squared = torch.linalg.vector_norm(h, dim=1, dtype=dtype).square()  # ‖h_b‖², (B,)
+        gamma = delta[:, :, None] * h[:, None, :] if samples else None  # δ_b ⊗ h_b, (B, n_{l+1}, n_l)
+        sgs = delta.square().t().mm(h.square()) if sum_squared else None  # SGS, (n_{l+1}, n_l)
+        return _Layer(delta_squared * h_squared, gamma, sgs)
+    delta_b, h_b = layout.by_sample(delta), layout.by_sample(h)  # (B, T, n_{l+1}), (B, T, n_l)
+    n_out, n_in = delta.shape[1], h.shape[1]
+    if samples or sum_squared or layout.steps * (n_in + n_out) > n_in * n_out:
+        gamma = torch.bmm(delta_b.transpose(1, 2), h_b)  # Σ_t δ_bt ⊗ h_bt, (B, n_{l+1}, n_l)
+        squared = gamma.to(dtype).square().sum((1, 2))
+        sgs = gamma.square().sum(0) if sum_squared else None
+        return _Layer(squared, gamma if samples else None, sgs)
+    delta_b, h_b = delta_b.to(dtype), h_b.to(dtype)
+    gram = torch.bmm(delta_b, delta_b.transpose(1, 2)) * torch.bmm(h_b, h_b.transpose(1, 2))  # (B, T, T)
+    return _Layer(gram.sum((1, 2)), None, None)  # PS2, ghost form
+
+
+def _bias_terms(delta: Tensor, layout: Layout, samples: bool, sum_squared: bool) -> _Layer:
+    """PS1-PS2 and SGS for ∂b^(l) from δ^(l+1) (N, n_{l+1}), without s."""
+    dtype = torch.promote_types(delta.dtype, torch.float32)
+    gamma = delta if layout.steps == 1 and layout.batch_dim == 0 else layout.by_sample(delta).sum(1)  # (B, n)
+    squared = torch.linalg.vector_norm(gamma, dim=1, dtype=dtype).square()
+    sgs = gamma.square().sum(0) if sum_squared else None
+    return _Layer(squared, gamma if samples else None, sgs)
+
+
+def _weight_gradient(delta: Tensor, h: Tensor, rows: Tensor | None) -> Tensor:
+    """BP3, δ^(l+1)ᵀ h^(l); with per-row clipping factors ``rows`` (N, 1), PS4: (c ⊙ δ)ᵀ h = δᵀ (c ⊙ h)."""
+    if rows is None:
+        return delta.t().mm(h)  # BP3
+    if delta.shape[1] <= h.shape[1]:  # scale whichever of the two is narrower
+        return (delta * rows).t().mm(h)  # PS4
+    return delta.t().mm(h * rows)  # PS4
+
+
+def _unclipped(delta: Tensor, h: Tensor, kind: str) -> Tensor:
+    """This backward's unclipped gradient Σ_b γ_b of a weight (BP3) or a bias (BP4)."""
+    return delta.t().mm(h) if kind == "weight" else delta.sum(0)
+
+
+class _Bound:
+    """The backward phase of one forward call inside a block: the block, and the call's layout."""
+
+    def __init__(self, owner: PerSample, layout: Layout) -> None:
+        self.owner, self.layout, self.ran = owner, layout, False
+        self.name = owner.name
 
     def __call__(
         self, tape: Tape, *, needs_x: bool, needs_weight: Sequence[bool], needs_bias: Sequence[bool]
     ) -> tuple[Tensor | None, list[Tensor | None], list[Tensor | None]]:
-        return self.owner._backward_phase(
-            tape, self.batch, self.steps, needs_x=needs_x, needs_weight=needs_weight, needs_bias=needs_bias
-        )
+        return self.owner._backward(self, tape, needs_x, needs_weight, needs_bias)
+
+
+class _Pending:
+    """What one backward inside a block has computed, committed only when the whole backward succeeds."""
+
+    def __init__(self, task: int) -> None:
+        self.task = task
+        self.produced: dict[Tensor, list[tuple[Tensor, int]]] = {}  # by parameter: (gradient, version)
+        self.previous_clean: dict[Tensor, bool] = {}  # was p.grad, before this backward, all clipped?
+        self.accumulated: dict[Tensor, tuple[Tensor, int]] = {}  # p.grad after accumulating
+        self.grad_sample: dict[Tensor, Tensor] = {}
+        self.backpack: dict[Tensor, dict[str, Tensor]] = {}
+        self.norms: Tensor | None = None
+        self.scale = 1
 
 
 class PerSample:
@@ -68,11 +173,26 @@ class PerSample:
         model (BackpropMLP): the model whose backward is replaced inside the block.
         loss_reduction (str): ``"mean"`` or ``"sum"``.
         max_grad_norm (float | None): the clipping threshold C, or ``None`` for no clipping.
-        norms (Tensor | None): (B,) unclipped per-sample gradient norms ‖g_b‖ over all trainable
-            parameters, from the latest backward in the block (``None`` before one).
+        batch_first (bool): whether the sample dimension is the first of the input (else the second).
+        norms (Tensor | None): unclipped per-sample gradient norms ‖g_b‖ over all trainable
+            parameters, of every sample of every backward in the block, in order (``None`` before one).
     """
 
-    def __init__(self, model: BackpropMLP, loss_reduction: str = "mean", max_grad_norm: float | None = None):
+    name = "per_sample"
+
+    def __init__(
+        self,
+        model: BackpropMLP,
+        loss_reduction: str = "mean",
+        max_grad_norm: float | None = None,
+        *,
+        batch_first: bool = True,
+        grad_sample: bool | None = None,
+        grad_batch: bool = False,
+        batch_l2: bool = False,
+        sum_grad_squared: bool = False,
+        variance: bool = False,
+    ) -> None:
         if not isinstance(model, BackpropMLP):
             raise TypeError(
                 f"per_sample expects a torch_backprop.BackpropMLP, got {type(model).__name__}; "
@@ -88,24 +208,41 @@ class PerSample:
                 )
             if not max_grad_norm > 0:
                 raise ValueError(f"per_sample expects max_grad_norm > 0, got {max_grad_norm}")
+        flags = {"batch_first": batch_first, "grad_batch": grad_batch, "batch_l2": batch_l2}
+        flags |= {"sum_grad_squared": sum_grad_squared, "variance": variance}
+        if grad_sample is not None:
+            flags["grad_sample"] = grad_sample
+        for flag, value in flags.items():
+            if not isinstance(value, bool):
+                raise TypeError(f"per_sample expects {flag} to be True or False, got {value!r}")
         self.model = model
         self.loss_reduction = loss_reduction
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+        self.batch_first = batch_first
+        self.grad_sample = max_grad_norm is None if grad_sample is None else grad_sample
+        self.backpack = tuple(name for name in _BACKPACK if flags[name])
         self.norms: Tensor | None = None
         self._active = False
         self._previous_phase: Any = None
-        self._hook: Any = None
+        self._guards: dict[Tensor, tuple[Any, Any]] = {}
+        self._names: dict[Tensor, str] = {}
+        self._pending: _Pending | None = None
+
+    # -- the block ------------------------------------------------------------------------------
 
     def __enter__(self) -> PerSample:
-        if isinstance(self.model.backward_phase, _PerSamplePhase):
+        if isinstance(self.model.backward_phase, PerSample):
             raise RuntimeError("per_sample blocks on the same model do not nest")
+        if self._active:
+            raise RuntimeError("per_sample: this block is already open")
         for param in self.model.parameters():
-            if hasattr(param, "grad_sample"):
-                del param.grad_sample
+            for attribute in ("grad_sample", *_BACKPACK):
+                if hasattr(param, attribute):
+                    delattr(param, attribute)
         self.norms = None
+        self._names = {p: name for name, p in self.model.named_parameters()}
         self._previous_phase = self.model.backward_phase
-        self.model.backward_phase = _PerSamplePhase(self, None, None)
-        self._hook = self.model.register_forward_pre_hook(self._capture_batch, with_kwargs=True)
+        self.model.backward_phase = self
         self._active = True
         return self
 
@@ -116,38 +253,43 @@ class PerSample:
         traceback: TracebackType | None,
     ) -> None:
         self._active = False
-        self._hook.remove()
-        self._hook = None
+        self._pending = None
+        for pre, post in self._guards.values():
+            pre.remove()
+            post.remove()
+        self._guards.clear()
         self.model.backward_phase = self._previous_phase
 
-    def _capture_batch(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        # Each forward gets its own phase, bound to its (B, T): the Function keeps it on its ctx.
-        input = args[0] if args else kwargs.get("input")
-        if not isinstance(input, Tensor):
-            return None
-        if input.dim() < 2:
-            raise ValueError(
-                f"per_sample expects input with a batch dimension, (B, *, {module.in_features}), got shape "
-                f"{tuple(input.shape)}; for one sample use input.unsqueeze(0)"
+    def bind(self, model: nn.Module, input: Tensor) -> _Bound:
+        """The backward phase of one forward call (BackpropMLP calls this in its forward)."""
+        if not self._active:
+            raise RuntimeError("per_sample: the block is closed")
+        if torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling():
+            raise RuntimeError(
+                "per_sample cannot run inside torch.func transforms or torch.compile: it writes "
+                "per-sample results as a side effect of the backward; call the model eagerly in the block"
             )
-        module.backward_phase = _PerSamplePhase(self, input.shape[0], math.prod(input.shape[1:-1]))
-        return None
+        needed = 2 if self.batch_first else 3
+        if input.dim() < needed:
+            shape = "(B, *, F)" if self.batch_first else "(T, B, *, F) with batch_first=False"
+            raise ValueError(
+                f"per_sample expects input with a sample dimension, {shape}, got shape {tuple(input.shape)}"
+                + ("; for one sample use input.unsqueeze(0)" if self.batch_first else "")
+            )
+        for param in model.parameters():  # a parameter made trainable inside the block is guarded too
+            if param.requires_grad and param not in self._guards:
+                self._guards[param] = (
+                    param.register_hook(lambda grad, param=param: self._check(param, grad)),
+                    param.register_post_accumulate_grad_hook(self._accumulated),
+                )
+        return _Bound(self, Layout(tuple(input.shape[:-1]), 0 if self.batch_first else 1))
 
-    def _trainable(
-        self, needs_weight: Sequence[bool], needs_bias: Sequence[bool]
-    ) -> Iterator[tuple[int, str]]:
-        for k, (weight, bias) in enumerate(zip(needs_weight, needs_bias, strict=True)):
-            if weight:
-                yield k, "weight"
-            if bias:
-                yield k, "bias"
+    # -- one backward -----------------------------------------------------------------------------
 
-    def _backward_phase(
+    def _backward(
         self,
+        bound: _Bound,
         tape: Tape,
-        batch: int | None,
-        steps: int | None,
-        *,
         needs_x: bool,
         needs_weight: Sequence[bool],
         needs_bias: Sequence[bool],
@@ -156,147 +298,230 @@ class PerSample:
             raise RuntimeError(
                 "per_sample: backward ran after its with block closed; call backward inside the block"
             )
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "per_sample does not support a double backward (create_graph=True, e.g. a gradient "
+                "penalty in the loss): the per-sample gradient of such a loss is not the one the "
+                "recursion sees; compute it outside the block"
+            )
+        if bound.ran:
+            raise RuntimeError(
+                "per_sample: a second backward through the same forward call (retain_graph=True); "
+                "each backward in a block is a new set of samples, so add the losses and call "
+                "backward once"
+            )
+        layout = bound.layout
         rows = tape.grad_output.shape[0]
-        if batch is None or steps is None or batch * steps != rows:
-            raise RuntimeError(f"per_sample: the backward's {rows} rows do not match the input captured")
+        if rows != math.prod(layout.lead):
+            raise RuntimeError(
+                f"per_sample: the backward's {rows} rows do not match the input's {layout.lead}"
+            )
+        bound.ran = True
+        pending = self._pending_for_this_backward()
         depth = len(tape.activations)
         grad_x, grad_weights, grad_biases = None, [None] * depth, [None] * depth
         lowest = lowest_layer(needs_x, needs_weight, needs_bias)
         delta = dict(deltas(tape, lowest))  # δ^(l+1) of every layer first: clipping needs all norms
-        h = {k: tape.h[k].to(tape.dtype) for k in delta}
-        scale = batch if self.loss_reduction == "mean" else 1
-        norm_dtype = torch.promote_types(tape.dtype, torch.float32)
-        squared_norms = torch.zeros(batch, dtype=norm_dtype, device=tape.grad_output.device)
+        h = tape.h
+        scale = layout.batch if self.loss_reduction == "mean" else 1
+        backpack = self.backpack
+        sum_squared = "sum_grad_squared" in backpack or "variance" in backpack
+        samples = self.grad_sample or "grad_batch" in backpack
         layers = self.model.layers
+        params = {}  # (k, "weight" | "bias") -> parameter, for the trainable ones
+        terms: dict[Tensor, _Layer] = {}
+        for k in delta:
+            if needs_weight[k]:
+                params[k, "weight"] = layers[k].weight
+                terms[layers[k].weight] = _weight_terms(delta[k], h[k], layout, samples, sum_squared)
+            if needs_bias[k]:
+                params[k, "bias"] = layers[k].bias
+                terms[layers[k].bias] = _bias_terms(delta[k], layout, samples, sum_squared)
+        norm_dtype = torch.promote_types(tape.dtype, torch.float32)
+        squared_norms = torch.zeros(layout.batch, dtype=norm_dtype, device=tape.grad_output.device)
+        for layer in terms.values():
+            squared_norms += layer.squared_norms
+        norms = squared_norms.clamp(min=0).sqrt() * scale  # ‖g_b‖, PS2
 
-        if self.max_grad_norm is None:
-            for k, name in self._trainable(needs_weight, needs_bias):
-                delta_b = delta[k].reshape(batch, steps, delta[k].shape[1])  # (B, T, n_{k+1})
-                if name == "weight":
-                    h_b = h[k].reshape(batch, steps, h[k].shape[1])  # (B, T, n_k)
-                    g = torch.bmm(delta_b.transpose(1, 2), h_b)  # PS1, (B, n_{k+1}, n_k)
-                    grad_weights[k] = delta[k].t().mm(h[k]).to(layers[k].weight.dtype)  # BP3
-                else:
-                    g = delta_b.sum(1)  # PS1, (B, n_{k+1})
-                    grad_biases[k] = delta[k].sum(0).to(layers[k].bias.dtype)  # BP4
-                g = g * scale
-                squared_norms += g.to(norm_dtype).flatten(1).square().sum(1)
-                _store_grad_sample(getattr(layers[k], name), g)
-        else:
-            for k in delta:
-                if needs_weight[k] or needs_bias[k]:
-                    squared_norms += _squared_norms(
-                        delta[k], h[k], batch, steps, needs_weight[k], needs_bias[k]
-                    )
-            squared_norms *= scale**2
-            factor = (self.max_grad_norm / squared_norms.clamp(min=0).sqrt()).clamp(max=1.0)  # PS3, (B,)
-            factor_rows = factor.to(tape.dtype)  # c repeated over t, (N,)
-            if steps != 1:
-                factor_rows = factor_rows.repeat_interleave(steps)
-            for k in delta:
-                if needs_weight[k]:
-                    # (c ⊙ δ)ᵀ h = δᵀ (c ⊙ h): scale whichever of the two is narrower.
-                    if delta[k].shape[1] <= h[k].shape[1]:
-                        grad_weight = (delta[k] * factor_rows[:, None]).t().mm(h[k])  # PS4
-                    else:
-                        grad_weight = delta[k].t().mm(h[k] * factor_rows[:, None])  # PS4
-                    grad_weights[k] = grad_weight.to(layers[k].weight.dtype)
-                if needs_bias[k]:
-                    grad_biases[k] = delta[k].t().mv(factor_rows).to(layers[k].bias.dtype)  # PS4
-        self.norms = squared_norms.clamp(min=0).sqrt().detach()
+        rows = None  # c_b repeated over t, (N, 1), when clipping
+        if self.max_grad_norm is not None:
+            factor = (self.max_grad_norm / norms).clamp(max=1.0)  # PS3, (B,)
+            rows = layout.each_row(factor.to(tape.dtype))[:, None]
+        for (k, kind), param in params.items():
+            if kind == "weight":
+                grad = _weight_gradient(delta[k], h[k], rows)  # BP3, or PS4 when clipping
+                grad_weights[k] = grad = grad.to(param.dtype)
+            else:
+                grad = delta[k].sum(0) if rows is None else delta[k].t().mv(rows[:, 0])  # BP4, or PS4
+                grad_biases[k] = grad = grad.to(param.dtype)
+            pending.produced.setdefault(param, []).append((grad, grad._version))
+            layer = terms[param]
+            if self.grad_sample:
+                pending.grad_sample[param] = (layer.samples * scale).to(param.dtype)  # PS1
+            quantities = {}
+            if "grad_batch" in backpack:
+                quantities["grad_batch"] = layer.samples  # γ_b
+            if "batch_l2" in backpack:
+                quantities["batch_l2"] = layer.squared_norms  # BL
+            if "sum_grad_squared" in backpack:
+                quantities["sum_grad_squared"] = layer.sum_squared  # SGS
+            if "variance" in backpack:
+                total = grad if rows is None else _unclipped(delta[k], h[k], kind)  # Σ_b γ_b
+                quantities["variance"] = (
+                    layer.sum_squared / layout.batch - (total / layout.batch).square()
+                )  # VAR
+            pending.backpack[param] = {name: q.to(param.dtype) for name, q in quantities.items()}
+        pending.norms = norms.detach()
+        pending.scale = scale
         if needs_x:
-            grad_x = delta[0].mm(tape.weights[0].to(tape.dtype)).to(tape.h[0].dtype)  # BP5, unclipped
+            grad_x = delta[0].mm(tape.weights[0]).to(tape.h[0].dtype)  # BP5, unclipped
         return grad_x, grad_weights, grad_biases
 
+    def _pending_for_this_backward(self) -> _Pending:
+        task = torch._C._current_graph_task_id()
+        if self._pending is not None and self._pending.task == task:
+            return self._pending  # a second forward call in this backward: _check refuses it
+        self._pending = _Pending(task)
+        _run_at_end_of_backward(self._commit)
+        return self._pending
 
-def _squared_norms(delta: Tensor, h: Tensor, batch: int, steps: int, weight: bool, bias: bool) -> Tensor:
-    """PS2 / s² for one layer: ‖Σ_t δ_bt ⊗ h_bt‖² (if ``weight``) + ‖Σ_t δ_bt‖² (if ``bias``), (B,).
+    def _check(self, param: Tensor, grad: Tensor) -> None:
+        """Before ``param``'s gradient is accumulated: it must be exactly the one the recursion made."""
+        pending = self._pending
+        if pending is not None and pending.task != torch._C._current_graph_task_id():
+            pending = None
+        produced = pending.produced.pop(param, None) if pending is not None else None
+        name = self._names.get(param, "a parameter")
+        if produced is None:
+            raise RuntimeError(
+                f"per_sample: a gradient reached {name} without passing through the per-sample "
+                "backward: the forward ran before the block was entered, or the parameter is used "
+                "outside this BackpropMLP; run the forward inside the block (no gradient of the "
+                "model was written)"
+            )
+        if len(produced) > 1:
+            raise RuntimeError(
+                f"per_sample: this backward goes through {len(produced)} forward calls of the model; "
+                "per-sample gradients need one forward per backward: concatenate the inputs into one "
+                "batch, or call backward once per forward (no gradient of the model was written)"
+            )
+        ours, version = produced[0]
+        if grad is not ours or grad._version != version:
+            raise RuntimeError(
+                f"per_sample: {name} also receives gradient from outside the per-sample backward "
+                "(weight sharing, or another use of the parameter in the loss), so its per-sample "
+                "gradients would be wrong; the gradients of this backward are incomplete: zero them"
+            )
+        pending.previous_clean[param] = dp.holds_only_clipped(param)
 
-    ``delta`` is δ^(l+1) (N, n_{l+1}) and ``h`` is h^(l) (N, n_l), N = B T; the sums of squares
-    run in float32 at least.
-    """
-    dtype = torch.promote_types(delta.dtype, torch.float32)
-    if steps == 1:
-        delta_squared = torch.linalg.vector_norm(delta, dim=1, dtype=dtype).square()  # ‖δ_b‖², (B,)
-        h_squared = torch.linalg.vector_norm(h, dim=1, dtype=dtype).square() if weight else 0.0  # ‖h_b‖²
-        return delta_squared * (h_squared + (1.0 if bias else 0.0))
-    n_out, n_in = delta.shape[1], h.shape[1]
-    delta_b = delta.reshape(batch, steps, n_out).to(dtype)  # (B, T, n_{l+1})
-    total = delta_b.sum(1).square().sum(1) if bias else torch.zeros(batch, dtype=dtype, device=delta.device)
-    if not weight:
-        return total
-    h_b = h.reshape(batch, steps, n_in).to(dtype)  # (B, T, n_l)
-    if steps * (n_in + n_out) <= n_in * n_out:
-        gram_delta = torch.bmm(delta_b, delta_b.transpose(1, 2))  # (δ_t · δ_t'), (B, T, T)
-        gram_h = torch.bmm(h_b, h_b.transpose(1, 2))  # (h_t · h_t'), (B, T, T)
-        return total + (gram_delta * gram_h).sum((1, 2))
-    return total + torch.bmm(delta_b.transpose(1, 2), h_b).square().sum((1, 2))  # materialised, one layer
+    def _accumulated(self, param: Tensor) -> None:
+        """After ``param``'s gradient is accumulated: remember what ``.grad`` now holds."""
+        if self._pending is not None and param.grad is not None:
+            self._pending.accumulated[param] = (param.grad, param.grad._version)
 
-
-def _store_grad_sample(param: Tensor, g: Tensor) -> None:
-    g = g.detach().to(param.dtype)
-    previous = getattr(param, "grad_sample", None)
-    if previous is None:
-        param.grad_sample = g
-    elif previous.shape == g.shape:
-        param.grad_sample = previous + g
-    else:
-        raise RuntimeError(
-            f"per_sample: a second backward in the block has grad_sample of shape {tuple(g.shape)}, "
-            f"but the first had {tuple(previous.shape)}; use one batch size per block"
-        )
+    def _commit(self) -> None:
+        """At the end of a backward that went through without error: publish what it computed."""
+        pending, self._pending = self._pending, None
+        if pending is None or not self._active:
+            return
+        for param, g in pending.grad_sample.items():
+            previous = getattr(param, "grad_sample", None)
+            param.grad_sample = g if previous is None else torch.cat([previous, g])
+        for param, quantities in pending.backpack.items():
+            for name, value in quantities.items():
+                setattr(param, name, value)
+        if pending.norms is not None:
+            self.norms = pending.norms if self.norms is None else torch.cat([self.norms, pending.norms])
+        if self.max_grad_norm is not None:
+            samples = 0 if pending.norms is None else pending.norms.shape[0]
+            for param, (grad, version) in pending.accumulated.items():
+                dp.record_clipped(
+                    param,
+                    grad,
+                    version,
+                    clean=pending.previous_clean.get(param, False),
+                    block=self,
+                    samples=samples,
+                    scale=pending.scale,
+                )
 
 
 def per_sample(
-    model: BackpropMLP, loss_reduction: str = "mean", max_grad_norm: float | None = None
+    model: BackpropMLP,
+    loss_reduction: str = "mean",
+    max_grad_norm: float | None = None,
+    *,
+    batch_first: bool = True,
+    grad_sample: bool | None = None,
+    grad_batch: bool = False,
+    batch_l2: bool = False,
+    sum_grad_squared: bool = False,
+    variance: bool = False,
 ) -> PerSample:
-    """Per-sample gradients, or per-sample clipping, in the one backward of a :class:`BackpropMLP`.
+    """Per-sample gradients, norms, clipping and BackPACK's first-order quantities in one backward.
 
     Inside the ``with`` block the model's backward phase is replaced (``model.backward_phase``; the
     previous one is restored on exit, also on an exception) by one that computes, from the same δ^(l)
-    and h^(l):
+    and h^(l), at the end of each backward that succeeds:
 
-    * without ``max_grad_norm``: ``p.grad_sample`` of shape ``[B, *p.shape]`` for every trainable
-      parameter, where ``p.grad_sample[b]`` is the gradient of sample b's own loss term (so for
-      ``"mean"`` it is B times sample b's share of ``p.grad``); ``p.grad`` is the ordinary gradient.
+    * ``p.grad_sample`` of shape ``[B, *p.shape]`` for every trainable parameter (by default when
+      not clipping), where ``p.grad_sample[b]`` is the gradient of sample b's own loss term
+      (Opacus's convention: for ``"mean"`` it is B times sample b's share of ``p.grad``);
+      ``p.grad`` is the ordinary gradient.
     * with ``max_grad_norm=C``: ``p.grad`` = Σ_b c_b g_b (divided by B for ``"mean"``) with
       c_b = min(1, C / ‖g_b‖) and g_b sample b's gradient over all trainable parameters; no
-      ``[B, *p.shape]`` tensor is built and no ``grad_sample`` is written.
+      ``[B, *p.shape]`` tensor is built (unless ``grad_sample=True``). :func:`~torch_backprop.dp_sgd_step`
+      then adds the noise.
+    * BackPACK's first-order quantities, by BackPACK's names and scaling (per-sample gradients as
+      they enter the loss, γ_b = g_b / B for ``"mean"``): ``grad_batch`` (BatchGrad),
+      ``batch_l2`` (BatchL2Grad), ``sum_grad_squared`` (SumGradSquared), ``variance`` (Variance); the
+      last three without building ``[B, *p.shape]`` for 2-D input. They describe the latest backward.
 
-    In both cases ``ps.norms`` holds the unclipped norms ‖g_b‖ (B,). Frozen parameters
-    (``requires_grad=False``) get nothing and do not count in the norms. An input gradient, if
-    asked for, is the ordinary (unclipped) one. Cost: see the module docstring: for 2-D input,
-    clipping costs the norms, O(N Σ_l n_l), on top of a plain backward.
+    ``ps.norms`` holds the unclipped norms ‖g_b‖. Frozen parameters (``requires_grad=False``) get
+    nothing and do not count in the norms. An input gradient, if asked for, is the ordinary one.
 
     The loss must be a sum (``"sum"``) or a mean (``"mean"``) over the batch of per-sample terms,
-    L = Σ_b ℓ_b or (1/B) Σ_b ℓ_b, as the slides' L(θ|D) is, with ℓ_b depending on sample b alone
-    (cross-entropy or MSE with reduction ``"sum"``/``"mean"``). A loss that mixes samples (batch
-    statistics, a mean over another dimension than the batch, a contrastive loss) makes the
-    results meaningless; this cannot be detected from inside the backward. For input (B, T, n_0)
-    the sample is b and its T rows belong to it: ``"mean"`` means ℓ_b is then the mean over its
-    rows, as ``F.cross_entropy(out.flatten(0, 1), y.flatten())`` gives (Opacus's convention).
+    L = Σ_b ℓ_b or (1/B) Σ_b ℓ_b, with ℓ_b depending on sample b alone (cross-entropy or MSE with
+    reduction ``"sum"``/``"mean"``). A loss that mixes samples (batch statistics, a contrastive loss)
+    makes the results meaningless, and so does a ``loss_reduction`` that is not the loss's; neither
+    can be detected from inside the backward. With T rows per sample (input (B, T, n_0)),
+    ``"mean"`` means ℓ_b is the mean over its rows, as ``F.cross_entropy(out.flatten(0, 1),
+    y.flatten())`` gives (Opacus's convention).
 
-    Within one block successive backward calls add up: ``grad_sample`` as ``.grad`` does (same B
-    required), clipping applies per backward call; ``norms`` is the latest call's. ``grad_sample``
-    left by an earlier block is removed on entry. Backward must run inside the block.
+    Each backward in a block is a new set of samples (Opacus's convention for gradient accumulation
+    and virtual batches): ``grad_sample`` and ``norms`` are concatenated along the sample
+    dimension, each backward's samples are clipped on their own, and ``.grad`` adds up. Everything
+    that cannot give exact per-sample results raises instead, before the model's gradients are
+    written: a double backward (``create_graph=True``), a forward run before the block, the model
+    called twice before one backward, a parameter that also gets gradient from elsewhere, a second
+    backward through one forward, layers that carry hooks, torch.func or torch.compile.
 
     Args:
         model: the :class:`BackpropMLP`.
         loss_reduction: ``"mean"`` or ``"sum"``: how the loss reduces its per-sample terms.
-        max_grad_norm: the clipping threshold C > 0, or ``None`` (default) for per-sample gradients.
+        max_grad_norm: the clipping threshold C > 0, or ``None`` (default) for no clipping.
+        batch_first: ``True`` (default) if the input is ``(B, *, n_0)``, ``False`` for
+            ``(T, B, *, n_0)`` (Opacus's ``batch_first``).
+        grad_sample: write ``p.grad_sample``; default: when not clipping.
+        grad_batch: write BackPACK's ``grad_batch`` (BatchGrad), γ_b.
+        batch_l2: write BackPACK's ``batch_l2`` (BatchL2Grad), ‖γ_b‖² per parameter.
+        sum_grad_squared: write BackPACK's ``sum_grad_squared`` (SumGradSquared), Σ_b γ_b ⊙ γ_b.
+        variance: write BackPACK's ``variance`` (Variance).
 
     Returns:
         The :class:`PerSample` context; use it in a ``with`` statement.
 
     Shape:
-        - Input: :math:`(B, *, H_{in})`: the first dimension is the sample.
-        - ``norms``: :math:`(B,)`; ``p.grad_sample``: :math:`(B, *p.shape)`.
+        - Input: :math:`(B, *, H_{in})`, or :math:`(T, B, *, H_{in})` with ``batch_first=False``.
+        - ``norms``, ``p.batch_l2``: :math:`(B,)`; ``p.grad_sample``, ``p.grad_batch``:
+          :math:`(B, *p.shape)`; ``p.sum_grad_squared``, ``p.variance``: ``p.shape``.
 
     Raises:
-        TypeError: ``model`` is not a :class:`BackpropMLP`; ``max_grad_norm`` not a number.
-        ValueError: ``loss_reduction`` not ``"mean"``/``"sum"``; ``max_grad_norm`` ≤ 0; (on
-            forward) an input without a batch dimension (1-D).
-        RuntimeError: blocks nested on one model; backward after the block closed.
+        TypeError: ``model`` is not a :class:`BackpropMLP`; ``max_grad_norm`` not a number; a flag
+            not a bool.
+        ValueError: ``loss_reduction`` not ``"mean"``/``"sum"``; ``max_grad_norm`` ≤ 0; (on forward) an input without a sample dimension.
+        RuntimeError: blocks nested on one model; backward after the block closed; and each of the
+            combinations above that cannot be exact.
 
     Example:
         >>> model = BackpropMLP([784, 256, 10])
@@ -306,71 +531,14 @@ def per_sample(
         >>> model.layers[0].weight.grad_sample.shape, ps.norms.shape
         (torch.Size([64, 256, 784]), torch.Size([64]))
     """
-    return PerSample(model, loss_reduction=loss_reduction, max_grad_norm=max_grad_norm)
-
-
-def dp_sgd_step(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    noise_multiplier: float,
-    max_grad_norm: float,
-    batch_size: int,
-    generator: torch.Generator | None = None,
-    *,
-    loss_reduction: str = "mean",
-) -> None:
-    r"""A DP-SGD step (Abadi et al., 2016): add Gaussian noise to the clipped sum, average, step.
-
-    Call it after a backward inside ``per_sample(model, loss_reduction, max_grad_norm=C)``, so that
-    ``p.grad`` holds S = Σ_b c_b g_b (``"sum"``) or S / B (``"mean"``). For every trainable parameter
-    it sets ``p.grad = (S + N(0, (σC)² I)) / batch_size`` and then calls ``optimizer.step()``
-    (Opacus's ``DPOptimizer`` with ``"mean"``). A trainable parameter without ``.grad`` gets noise
-    alone, as privacy requires. Zeroing the gradients stays the caller's job.
-
-    Privacy accounting: each step is a subsampled Gaussian mechanism with noise multiplier σ and
-    sample rate q = batch_size / dataset size. Account it with an existing accountant, e.g.
-    Opacus's RDP accountant::
-
-        from opacus.accountants import RDPAccountant
-        accountant = RDPAccountant()
-        accountant.step(noise_multiplier=sigma, sample_rate=batch_size / len(dataset))  # every step
-        epsilon = accountant.get_epsilon(delta=1e-5)
-
-    or, for a whole run, ``opacus.accountants.analysis.rdp.compute_rdp(q=..., noise_multiplier=...,
-    steps=..., orders=...)`` and ``get_privacy_spent``. The RDP analysis assumes Poisson sampling
-    (each sample in each batch independently with probability q); with shuffled fixed-size batches
-    the figure is the customary approximation, not a proof.
-
-    Args:
-        model: the model whose parameters ``optimizer`` updates.
-        optimizer: any ``torch.optim`` optimizer over those parameters.
-        noise_multiplier: σ ≥ 0; the noise's standard deviation is σ C on the clipped sum.
-        max_grad_norm: C > 0, the threshold the gradients were clipped to.
-        batch_size: the batch size B to average by (the expected batch size under Poisson sampling).
-        generator: a ``torch.Generator`` on the parameters' device for the noise; ``None`` for the
-            global one.
-        loss_reduction: how the loss was reduced inside ``per_sample``: ``"mean"`` (p.grad = S / B,
-            with B = ``batch_size``) or ``"sum"`` (p.grad = S).
-
-    Raises:
-        ValueError: σ < 0, C ≤ 0, a non-positive batch size or an unknown ``loss_reduction``.
-    """
-    if not noise_multiplier >= 0:
-        raise ValueError(f"dp_sgd_step expects noise_multiplier >= 0, got {noise_multiplier}")
-    if not max_grad_norm > 0:
-        raise ValueError(f"dp_sgd_step expects max_grad_norm > 0, got {max_grad_norm}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-        raise ValueError(f"dp_sgd_step expects a positive integer batch_size, got {batch_size!r}")
-    if loss_reduction not in _REDUCTIONS:
-        raise ValueError(f"dp_sgd_step expects loss_reduction 'mean' or 'sum', got {loss_reduction!r}")
-    std = noise_multiplier * max_grad_norm
-    with torch.no_grad():
-        for param in model.parameters():
-            if not param.requires_grad:
-                continue
-            clipped_sum = torch.zeros_like(param) if param.grad is None else param.grad
-            if loss_reduction == "mean":
-                clipped_sum = clipped_sum * batch_size
-            noise = torch.randn(param.shape, generator=generator, dtype=param.dtype, device=param.device)
-            param.grad = (clipped_sum + std * noise) / batch_size
-    optimizer.step()
+    return PerSample(
+        model,
+        loss_reduction=loss_reduction,
+        max_grad_norm=max_grad_norm,
+        batch_first=batch_first,
+        grad_sample=grad_sample,
+        grad_batch=grad_batch,
+        batch_l2=batch_l2,
+        sum_grad_squared=sum_grad_squared,
+        variance=variance,
+    )

@@ -1,0 +1,223 @@
+r"""The DP-SGD step after one-pass clipping: noise the clipped sum once, average, step.
+
+:func:`~torch_backprop.per_sample` with ``max_grad_norm=C`` leaves in ``p.grad`` the clipped sum
+S = Σ_b c_b g_b of each backward's samples (S / B for ``"mean"``). :func:`dp_sgd_step` turns it into
+the DP-SGD update of Abadi et al. (2016), with Opacus's ``DPOptimizer`` semantics:
+
+    DP1  ``"sum"``:  p.grad = S + N(0, (σ C)² I)
+    DP2  ``"mean"``: p.grad = (S + N(0, (σ C)² I)) / batch_size     (batch_size: expected, logical)
+
+A privacy guarantee that does not hold is the worst bug this package can have, so the step refuses
+(and names the parameters) unless every trainable parameter's ``.grad`` is exactly what clipping
+left in it: each clipped backward records, per parameter, which tensor ``.grad`` then was and its
+version counter; anything that touches ``.grad`` afterwards (an unclipped backward, an in-place
+change, DDP's averaging) breaks the match. Under ``torch.distributed`` the clipped sums of all
+processes are added and the noise is drawn once, on rank 0 (as Opacus's ``DistributedDPOptimizer``
+does), so every process takes the same step as one process would on the global batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.utils.weak import WeakIdKeyDictionary
+
+__all__ = ["dp_sgd_step"]
+
+
+@dataclass
+class _Clipped:
+    """What clipping left in one parameter's ``.grad``."""
+
+    grad: Tensor  # the tensor ``.grad`` was
+    version: int  # and its version counter
+    block: Any  # the per_sample block whose threshold and reduction apply
+    samples: int  # samples clipped into it
+    scales: set[int] = field(default_factory=set)  # s per backward: S = s * .grad when all equal
+
+
+_records: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _matches(param: Tensor) -> _Clipped | None:
+    record = _records.get(param)
+    grad = param.grad
+    if record is None or grad is None or grad is not record.grad or grad._version != record.version:
+        return None
+    return record
+
+
+def holds_only_clipped(param: Tensor) -> bool:
+    """Whether ``param.grad`` is nothing, zeros, or exactly what clipping left there."""
+    return param.grad is None or _matches(param) is not None or not bool(param.grad.any())
+
+
+def record_clipped(
+    param: Tensor, grad: Tensor, version: int, *, clean: bool, block: Any, samples: int, scale: int
+) -> None:
+    """Remember what a clipped backward left in ``param.grad``: ``grad`` at ``version``.
+
+    ``clean``: ``param.grad`` held nothing unclipped before it. Called by
+    :class:`~torch_backprop.per_sample.PerSample` at the end of each clipped backward.
+    """
+    previous = _records.get(param)
+    if not clean:
+        _records.pop(param, None)
+        return
+    if previous is None or previous.grad is not grad:  # .grad was None or zero: a fresh sum
+        _records[param] = _Clipped(grad, version, block, samples, {scale})
+        return
+    if previous.block is not block and (
+        previous.block.max_grad_norm != block.max_grad_norm
+        or previous.block.loss_reduction != block.loss_reduction
+    ):
+        _records.pop(param, None)  # sums clipped to different thresholds: no single sensitivity
+        return
+    _records[param] = _Clipped(grad, version, block, previous.samples + samples, previous.scales | {scale})
+
+
+def dp_sgd_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    batch_size: int | None = None,
+    generator: torch.Generator | None = None,
+    *,
+    loss_reduction: str | None = None,
+) -> None:
+    r"""A DP-SGD step: add Gaussian noise to the clipped sum once, average (``"mean"``), step.
+
+    Call it after the backward(s) inside ``per_sample(model, loss_reduction, max_grad_norm=C)``:
+    ``p.grad`` then holds S = Σ_b c_b g_b (``"sum"``) or S / B (``"mean"``) for every trainable
+    parameter. It sets, as Opacus's ``DPOptimizer`` does, ``p.grad = S + N(0, (σC)² I)`` for
+    ``"sum"`` and ``p.grad = (S + N(0, (σC)² I)) / batch_size`` for ``"mean"``, then calls
+    ``optimizer.step()``. Zeroing the gradients stays the caller's job.
+
+    Several backward calls in one block (gradient accumulation, virtual batches) are one logical
+    batch: their clipped sums add up and the noise is added once. Under ``torch.distributed``
+    (e.g. ``torchrun``) call it on every process: the clipped sums are summed over processes and
+    the noise is drawn on rank 0 only, so all processes take the same step; run the backward under
+    ``DistributedDataParallel.no_sync()`` (or without DDP), since DDP's own averaging changes the
+    clipped gradients.
+
+    Privacy accounting: each step is a subsampled Gaussian mechanism with noise multiplier σ and
+    sample rate q = (expected logical batch size) / dataset size. Account it with an existing
+    accountant, e.g. Opacus's RDP accountant::
+
+        from opacus.accountants import RDPAccountant
+        accountant = RDPAccountant()
+        accountant.step(noise_multiplier=sigma, sample_rate=batch_size / len(dataset))  # every step
+        epsilon = accountant.get_epsilon(delta=1e-5)
+
+    The RDP analysis assumes Poisson sampling (each sample in each batch independently with
+    probability q); with shuffled fixed-size batches the figure is the customary approximation.
+
+    Args:
+        model: the model whose parameters ``optimizer`` updates; every trainable parameter's
+            gradient must come from the clipped backward(s) of one ``per_sample`` block.
+        optimizer: any ``torch.optim`` optimizer over those parameters.
+        noise_multiplier: σ ≥ 0; the noise's standard deviation is σ C on the clipped sum.
+        max_grad_norm: C, the threshold the gradients were clipped to (checked).
+        batch_size: for ``"mean"``: the expected size of the logical batch (all samples of all
+            backward calls since the gradients were zeroed, on all processes); unused for ``"sum"``.
+        generator: a ``torch.Generator`` on the parameters' device for the noise; ``None`` for the
+            global one.
+        loss_reduction: how the update aggregates the noisy sum, as Opacus's ``DPOptimizer``'s:
+            ``"mean"`` (divide by ``batch_size``) or ``"sum"``; ``None`` (default) for the block's.
+            The clipped sum S is recovered exactly whichever reduction the block's loss used.
+
+    Raises:
+        ValueError: σ < 0 or not finite, C ≤ 0, a missing or non-positive batch size for
+            ``"mean"``, or an unknown ``loss_reduction``.
+        RuntimeError: a trainable parameter whose gradient is not exactly the clipped sum of one
+            ``per_sample`` block (unclipped, changed since, clipped by another block, or absent);
+            a threshold other than the block's.
+    """
+    if not (noise_multiplier >= 0 and math.isfinite(noise_multiplier)):
+        raise ValueError(f"dp_sgd_step expects a finite noise_multiplier >= 0, got {noise_multiplier}")
+    if not (max_grad_norm > 0 and math.isfinite(max_grad_norm)):
+        raise ValueError(f"dp_sgd_step expects a finite max_grad_norm > 0, got {max_grad_norm}")
+    if loss_reduction not in (None, "mean", "sum"):
+        raise ValueError(f"dp_sgd_step expects loss_reduction 'mean', 'sum' or None, got {loss_reduction!r}")
+    if batch_size is not None and (
+        isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0
+    ):
+        raise ValueError(f"dp_sgd_step expects a positive integer batch_size, got {batch_size!r}")
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    problem = _check(named, max_grad_norm, loss_reduction, batch_size)
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if distributed and named:  # every process must fail together, or the others wait for it forever
+        failed = torch.tensor([1.0 if problem else 0.0], device=named[0][1].device)
+        dist.all_reduce(failed)
+        if failed.item() and not problem:
+            problem = "another process's gradients failed this check (see its error)"
+    if problem:
+        raise RuntimeError(f"dp_sgd_step: {problem}")
+    if not named:
+        optimizer.step()
+        return
+    reduction = loss_reduction or _records[named[0][1]].block.loss_reduction
+    std = noise_multiplier * max_grad_norm
+    with torch.no_grad():
+        sums = []
+        for _, param in named:
+            (scale,) = _records[param].scales
+            sums.append(param.grad * scale if scale != 1 else param.grad.clone())  # S
+        noisy = not distributed or dist.get_rank() == 0
+        for total, (_, param) in zip(sums, named, strict=True):
+            if noisy:
+                total.add_(
+                    torch.randn(param.shape, generator=generator, dtype=param.dtype, device=param.device),
+                    alpha=std,
+                )  # noqa: E501
+        if distributed:
+            flat = torch.cat([total.flatten() for total in sums])
+            dist.all_reduce(flat)  # Σ over processes of S (+ the noise, from rank 0 only)
+            sums = [
+                piece.view_as(total)
+                for piece, total in zip(flat.split([t.numel() for t in sums]), sums, strict=True)
+            ]  # noqa: E501
+        for total, (_, param) in zip(sums, named, strict=True):
+            param.grad = total / batch_size if reduction == "mean" else total  # DP2 / DP1
+            _records.pop(param, None)
+    optimizer.step()
+
+
+def _check(
+    named: list[tuple[str, Tensor]], max_grad_norm: float, loss_reduction: str | None, batch_size: int | None
+) -> str | None:
+    """Why the gradients of ``named`` are not one block's clipped sums, or ``None`` if they are."""
+    unclipped = [name for name, param in named if _matches(param) is None]
+    if unclipped:
+        return (
+            f"the gradients of {', '.join(unclipped)} are not the clipped sum of a per_sample block "
+            "(no clipped backward reached them, or something changed .grad after it: an unclipped "
+            "backward, an in-place change, DDP's averaging); run the forward and backward of every "
+            "trainable parameter inside per_sample(model, max_grad_norm=...) and step right after"
+        )
+    blocks = {id(_records[param].block): _records[param].block for _, param in named}
+    if len(blocks) > 1:
+        return (
+            f"the gradients were clipped by {len(blocks)} separate per_sample blocks, so no single "
+            "threshold bounds a sample's whole gradient; clip every trainable parameter in one block"
+        )
+    (block,) = blocks.values()
+    if block.max_grad_norm != max_grad_norm:
+        return f"the gradients were clipped to max_grad_norm={block.max_grad_norm}, not {max_grad_norm}"
+    if (loss_reduction or block.loss_reduction) == "mean" and batch_size is None:
+        return "loss_reduction 'mean' needs batch_size, the expected logical batch size to average by"
+    if block.loss_reduction == "mean":
+        scales = set().union(*(_records[param].scales for _, param in named))
+        if len(scales) > 1:
+            return (
+                f"with loss_reduction 'mean', backward calls over batches of {sorted(scales)} samples "
+                "left means over different sizes in .grad, so the clipped sum cannot be recovered; "
+                "use loss_reduction='sum'"
+            )
+    return None
