@@ -519,7 +519,8 @@ def per_sample(
     Raises:
         TypeError: ``model`` is not a :class:`BackpropMLP`; ``max_grad_norm`` not a number; a flag
             not a bool.
-        ValueError: ``loss_reduction`` not ``"mean"``/``"sum"``; ``max_grad_norm`` ≤ 0; (on forward) an input without a sample dimension.
+        ValueError: ``loss_reduction`` not ``"mean"``/``"sum"``; ``max_grad_norm`` ≤ 0; (on
+            forward) an input without a sample dimension.
         RuntimeError: blocks nested on one model; backward after the block closed; and each of the
             combinations above that cannot be exact.
 
