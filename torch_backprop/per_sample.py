@@ -244,7 +244,17 @@ class PerSample:
         self._previous_phase = self.model.backward_phase
         self.model.backward_phase = self
         self._active = True
+        self._guard()
         return self
+
+    def _guard(self) -> None:
+        """Hooks on every trainable parameter: no gradient reaches it in the block unchecked."""
+        for param in self.model.parameters():
+            if param.requires_grad and param not in self._guards:
+                self._guards[param] = (
+                    param.register_hook(lambda grad, param=param: self._check(param, grad)),
+                    param.register_post_accumulate_grad_hook(self._accumulated),
+                )
 
     def __exit__(
         self,
@@ -276,12 +286,7 @@ class PerSample:
                 f"per_sample expects input with a sample dimension, {shape}, got shape {tuple(input.shape)}"
                 + ("; for one sample use input.unsqueeze(0)" if self.batch_first else "")
             )
-        for param in model.parameters():  # a parameter made trainable inside the block is guarded too
-            if param.requires_grad and param not in self._guards:
-                self._guards[param] = (
-                    param.register_hook(lambda grad, param=param: self._check(param, grad)),
-                    param.register_post_accumulate_grad_hook(self._accumulated),
-                )
+        self._guard()  # a parameter made trainable inside the block is guarded too
         return _Bound(self, Layout(tuple(input.shape[:-1]), 0 if self.batch_first else 1))
 
     # -- one backward -----------------------------------------------------------------------------
