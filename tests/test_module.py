@@ -298,17 +298,3 @@ def test_parametrized_and_reassigned_weights_are_the_ones_used():
     parametrize.register_parametrization(model.layers[0], "weight", _Double())
     parametrize.register_parametrization(native[0], "weight", _Double())
     assert_matches_native(model, torch.randn(6, 5, dtype=torch.float64), twin=native)
-
-
-def test_a_pruned_layer_falls_back_to_its_weight_attribute():
-    # Pruning moves "weight" out of the registered parameters; the first step must still use the
-    # pruned weight (its per-forward recomputation is a layer hook, which the stack does not run).
-
-    from torch.nn.utils import prune
-
-    torch.manual_seed(0)
-    model = BackpropMLP([5, 4, 3], "tanh", dtype=torch.float64)
-    native = model.to_sequential()
-    prune.l1_unstructured(model.layers[0], "weight", amount=0.5)
-    prune.l1_unstructured(native[0], "weight", amount=0.5)
-    assert_matches_native(model, torch.randn(6, 5, dtype=torch.float64), twin=native)
