@@ -92,7 +92,7 @@ def test_a_threshold_other_than_the_clipping_one_is_refused() -> None:
     x, y = make_data((BATCH,))
     with per_sample(model, max_grad_norm=0.1):
         batch_loss(model(x), y, "mean").backward()
-    with pytest.raises(RuntimeError, match="clipped to max_grad_norm=0.1, not 1.0"):
+    with pytest.raises(RuntimeError, match="clipped with max_grad_norm=0.1, not 1.0"):
         dp_sgd_step(model, sgd(model), 1.0, 1.0, BATCH)
 
 

@@ -19,6 +19,7 @@ does), so every process takes the same step as one process would on the global b
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +27,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.weak import WeakIdKeyDictionary
+
+from .clipping import AdaptiveClipping, ClippingRule
 
 __all__ = ["dp_sgd_step"]
 
@@ -36,8 +39,10 @@ class _Clipped:
 
     grad: Tensor  # the tensor ``.grad`` was
     version: int  # and its version counter
-    block: Any  # the per_sample block whose threshold and reduction apply
+    rule: ClippingRule  # the groups and thresholds it was clipped by
+    loss_reduction: str  # the block's
     samples: int  # samples clipped into it
+    unclipped: int  # of which within their threshold (adaptive clipping counts them)
     scales: set[int] = field(default_factory=set)  # s per backward: S = s * .grad when all equal
 
 
@@ -58,34 +63,45 @@ def holds_only_clipped(param: Tensor) -> bool:
 
 
 def record_clipped(
-    param: Tensor, grad: Tensor, version: int, *, clean: bool, block: Any, samples: int, scale: int
+    param: Tensor,
+    grad: Tensor,
+    version: int,
+    *,
+    clean: bool,
+    rule: ClippingRule,
+    loss_reduction: str,
+    samples: int,
+    unclipped: int,
+    scale: int,
 ) -> None:
     """Remember what a clipped backward left in ``param.grad``: ``grad`` at ``version``.
 
     ``clean``: ``param.grad`` held nothing unclipped before it. Called by
     :class:`~torch_backprop.per_sample.PerSample` at the end of each clipped backward.
     """
-    previous = _records.get(param)
+    previous = _records.pop(param, None)
     if not clean:
-        _records.pop(param, None)
         return
     if previous is None or previous.grad is not grad:  # .grad was None or zero: a fresh sum
-        _records[param] = _Clipped(grad, version, block, samples, {scale})
-        return
-    if previous.block is not block and (
-        previous.block.max_grad_norm != block.max_grad_norm
-        or previous.block.loss_reduction != block.loss_reduction
-    ):
-        _records.pop(param, None)  # sums clipped to different thresholds: no single sensitivity
-        return
-    _records[param] = _Clipped(grad, version, block, previous.samples + samples, previous.scales | {scale})
+        _records[param] = _Clipped(grad, version, rule, loss_reduction, samples, unclipped, {scale})
+    elif previous.rule.spec() == rule.spec() and previous.loss_reduction == loss_reduction:
+        _records[param] = _Clipped(
+            grad,
+            version,
+            rule,
+            loss_reduction,
+            previous.samples + samples,
+            previous.unclipped + unclipped,
+            previous.scales | {scale},
+        )
+    # else: sums clipped by different rules have no single sensitivity; the record is dropped
 
 
 def dp_sgd_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     noise_multiplier: float,
-    max_grad_norm: float,
+    max_grad_norm: float | Sequence[float] | AdaptiveClipping | None = None,
     batch_size: int | None = None,
     generator: torch.Generator | None = None,
     *,
@@ -141,7 +157,7 @@ def dp_sgd_step(
     """
     if not (noise_multiplier >= 0 and math.isfinite(noise_multiplier)):
         raise ValueError(f"dp_sgd_step expects a finite noise_multiplier >= 0, got {noise_multiplier}")
-    if not (max_grad_norm > 0 and math.isfinite(max_grad_norm)):
+    if isinstance(max_grad_norm, (int, float)) and not (max_grad_norm > 0 and math.isfinite(max_grad_norm)):
         raise ValueError(f"dp_sgd_step expects a finite max_grad_norm > 0, got {max_grad_norm}")
     if loss_reduction not in (None, "mean", "sum"):
         raise ValueError(f"dp_sgd_step expects loss_reduction 'mean', 'sum' or None, got {loss_reduction!r}")
@@ -162,35 +178,49 @@ def dp_sgd_step(
     if not named:
         optimizer.step()
         return
-    reduction = loss_reduction or _records[named[0][1]].block.loss_reduction
-    std = noise_multiplier * max_grad_norm
+    first = _records[named[0][1]]
+    rule, reduction = first.rule, loss_reduction or first.loss_reduction
+    adaptive = rule.adaptive
+    multiplier = (
+        noise_multiplier if adaptive is None else adaptive.gradient_noise_multiplier(noise_multiplier)
+    )
+    std = multiplier * rule.sensitivity  # σ Δ, CL4
+    noisy = not distributed or dist.get_rank() == 0  # the noise is drawn once, on rank 0
     with torch.no_grad():
         sums = []
         for _, param in named:
             (scale,) = _records[param].scales
-            sums.append(param.grad * scale if scale != 1 else param.grad.clone())  # S
-        noisy = not distributed or dist.get_rank() == 0
-        for total, (_, param) in zip(sums, named, strict=True):
+            total = param.grad * scale if scale != 1 else param.grad.clone()  # S
             if noisy:
-                total.add_(
-                    torch.randn(param.shape, generator=generator, dtype=param.dtype, device=param.device),
-                    alpha=std,
-                )  # noqa: E501
-        if distributed:
+                noise = torch.randn(param.shape, generator=generator, dtype=param.dtype, device=param.device)
+                total.add_(noise, alpha=std)
+            sums.append(total)
+        counts = torch.tensor([float(first.unclipped), float(first.samples)], dtype=torch.float64)
+        if adaptive is not None and noisy:
+            counts[0] += adaptive.unclipped_num_std * torch.randn(
+                (), generator=generator, dtype=torch.float64
+            )
+        if distributed:  # Σ over processes of S (+ the noise, from rank 0 only), in one reduction
             flat = torch.cat([total.flatten() for total in sums])
-            dist.all_reduce(flat)  # Σ over processes of S (+ the noise, from rank 0 only)
+            dist.all_reduce(flat)
             sums = [
                 piece.view_as(total)
                 for piece, total in zip(flat.split([t.numel() for t in sums]), sums, strict=True)
-            ]  # noqa: E501
+            ]
+            if adaptive is not None:
+                counts = counts.to(flat.device)
+                dist.all_reduce(counts)
+                counts = counts.cpu()
         for total, (_, param) in zip(sums, named, strict=True):
             param.grad = total / batch_size if reduction == "mean" else total  # DP2 / DP1
             _records.pop(param, None)
+    if adaptive is not None:
+        adaptive.update(counts[0].item(), int(counts[1].item()))
     optimizer.step()
 
 
 def _check(
-    named: list[tuple[str, Tensor]], max_grad_norm: float, loss_reduction: str | None, batch_size: int | None
+    named: list[tuple[str, Tensor]], max_grad_norm: Any, loss_reduction: str | None, batch_size: int | None
 ) -> str | None:
     """Why the gradients of ``named`` are not one block's clipped sums, or ``None`` if they are."""
     unclipped = [name for name, param in named if _matches(param) is None]
@@ -201,23 +231,25 @@ def _check(
             "backward, an in-place change, DDP's averaging); run the forward and backward of every "
             "trainable parameter inside per_sample(model, max_grad_norm=...) and step right after"
         )
-    blocks = {id(_records[param].block): _records[param].block for _, param in named}
-    if len(blocks) > 1:
-        return (
-            f"the gradients were clipped by {len(blocks)} separate per_sample blocks, so no single "
-            "threshold bounds a sample's whole gradient; clip every trainable parameter in one block"
-        )
-    (block,) = blocks.values()
-    if block.max_grad_norm != max_grad_norm:
-        return f"the gradients were clipped to max_grad_norm={block.max_grad_norm}, not {max_grad_norm}"
-    if (loss_reduction or block.loss_reduction) == "mean" and batch_size is None:
-        return "loss_reduction 'mean' needs batch_size, the expected logical batch size to average by"
-    if block.loss_reduction == "mean":
-        scales = set().union(*(_records[param].scales for _, param in named))
-        if len(scales) > 1:
+    records = [_records[param] for _, param in named]
+    trainable = {id(param) for _, param in named}
+    for record in records:
+        covered = {id(p) for part in record.rule.groups for p in part}
+        if covered != trainable or record.rule.spec() != records[0].rule.spec():
             return (
-                f"with loss_reduction 'mean', backward calls over batches of {sorted(scales)} samples "
-                "left means over different sizes in .grad, so the clipped sum cannot be recovered; "
-                "use loss_reduction='sum'"
+                "the gradients were clipped by separate per_sample blocks (or rules), so no single "
+                "sensitivity bounds a sample's whole gradient; clip every trainable parameter in one block"
             )
+    rule = records[0].rule
+    if max_grad_norm is not None and not rule.given_as(max_grad_norm):
+        return f"the gradients were clipped with max_grad_norm={rule.given!r}, not {max_grad_norm!r}"
+    if (loss_reduction or records[0].loss_reduction) == "mean" and batch_size is None:
+        return "loss_reduction 'mean' needs batch_size, the expected logical batch size to average by"
+    scales = set().union(*(record.scales for record in records))
+    if len(scales) > 1:
+        return (
+            f"with loss_reduction 'mean', backward calls over batches of {sorted(scales)} samples "
+            "left means over different sizes in .grad, so the clipped sum cannot be recovered; "
+            "use loss_reduction='sum'"
+        )
     return None

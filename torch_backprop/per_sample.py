@@ -48,6 +48,7 @@ import torch
 from torch import Tensor, nn
 
 from . import dp
+from .clipping import AdaptiveClipping, ClippingRule, clipping_rule
 from .function import Tape, deltas, lowest_layer
 from .module import BackpropMLP
 
@@ -56,6 +57,14 @@ __all__ = ["PerSample", "per_sample"]
 _REDUCTIONS = ("mean", "sum")
 _BACKPACK = ("grad_batch", "batch_l2", "sum_grad_squared", "variance")
 _run_at_end_of_backward = torch.autograd.Variable._execution_engine.queue_callback
+
+
+def _trainable_layers(model: BackpropMLP) -> list[tuple[Tensor | None, Tensor | None]]:
+    """Each layer's trainable weight and bias (``None`` where frozen or absent)."""
+    return [
+        tuple(p if p is not None and p.requires_grad else None for p in (layer.weight, layer.bias))
+        for layer in model.layers
+    ]
 
 
 class Layout(NamedTuple):
@@ -164,6 +173,7 @@ class _Pending:
         self.backpack: dict[Tensor, dict[str, Tensor]] = {}
         self.norms: Tensor | None = None
         self.scale = 1
+        self.unclipped = 0  # samples whose norm is within the threshold (adaptive clipping)
 
 
 class PerSample:
@@ -184,8 +194,12 @@ class PerSample:
         self,
         model: BackpropMLP,
         loss_reduction: str = "mean",
-        max_grad_norm: float | None = None,
+        max_grad_norm: float | Sequence[float] | AdaptiveClipping | None = None,
         *,
+        clipping: str = "flat",
+        clipping_fn: str = "Abadi",
+        numerical_stability_constant: float | None = None,
+        groups: Sequence[int] | None = None,
         batch_first: bool = True,
         grad_sample: bool | None = None,
         grad_batch: bool = False,
@@ -200,14 +214,20 @@ class PerSample:
             )
         if loss_reduction not in _REDUCTIONS:
             raise ValueError(f"per_sample expects loss_reduction 'mean' or 'sum', got {loss_reduction!r}")
+        if max_grad_norm is not None and (
+            isinstance(max_grad_norm, (bool, str))
+            or not isinstance(max_grad_norm, (int, float, list, tuple, AdaptiveClipping))
+        ):
+            raise TypeError(
+                "per_sample expects max_grad_norm to be a number, a list of numbers, AdaptiveClipping "
+                f"or None, got {type(max_grad_norm).__name__}"
+            )
+        clip_options = {"clipping": clipping, "groups": groups, "clipping_fn": clipping_fn}
+        clip_options["numerical_stability_constant"] = numerical_stability_constant
         if max_grad_norm is not None:
-            if isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, (int, float)):
-                raise TypeError(
-                    f"per_sample expects max_grad_norm to be a positive number or None, "
-                    f"got {type(max_grad_norm).__name__}"
-                )
-            if not max_grad_norm > 0:
-                raise ValueError(f"per_sample expects max_grad_norm > 0, got {max_grad_norm}")
+            clipping_rule(max_grad_norm, layers=_trainable_layers(model), **clip_options)  # raises early
+        elif clipping != "flat" or groups is not None or clipping_fn != "Abadi":
+            raise ValueError(f"per_sample: clipping={clipping!r} needs max_grad_norm")
         flags = {"batch_first": batch_first, "grad_batch": grad_batch, "batch_l2": batch_l2}
         flags |= {"sum_grad_squared": sum_grad_squared, "variance": variance}
         if grad_sample is not None:
@@ -217,7 +237,9 @@ class PerSample:
                 raise TypeError(f"per_sample expects {flag} to be True or False, got {value!r}")
         self.model = model
         self.loss_reduction = loss_reduction
-        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+        self.max_grad_norm = max_grad_norm
+        self._clip_options = clip_options
+        self.rule: ClippingRule | None = None
         self.batch_first = batch_first
         self.grad_sample = max_grad_norm is None if grad_sample is None else grad_sample
         self.backpack = tuple(name for name in _BACKPACK if flags[name])
@@ -240,6 +262,10 @@ class PerSample:
                 if hasattr(param, attribute):
                     delattr(param, attribute)
         self.norms = None
+        if self.max_grad_norm is not None:
+            self.rule = clipping_rule(
+                self.max_grad_norm, layers=_trainable_layers(self.model), **self._clip_options
+            )
         self._names = {p: name for name, p in self.model.named_parameters()}
         self._previous_phase = self.model.backward_phase
         self.model.backward_phase = self
@@ -348,16 +374,33 @@ class PerSample:
             squared_norms += layer.squared_norms
         norms = squared_norms.clamp(min=0).sqrt() * scale  # ‖g_b‖, PS2
 
-        rows = None  # c_b repeated over t, (N, 1), when clipping
-        if self.max_grad_norm is not None:
-            factor = (self.max_grad_norm / norms).clamp(max=1.0)  # PS3, (B,)
-            rows = layout.each_row(factor.to(tape.dtype))[:, None]
+        rows: dict[Tensor, Tensor] = {}  # parameter -> c_{b,g} repeated over t, (N, 1), when clipping
+        if self.rule is not None:
+            for g, part in enumerate(self.rule.groups):
+                trained = [p for p in part if p in terms]
+                if not trained:
+                    continue
+                group_norms = torch.stack([terms[p].squared_norms for p in trained]).sum(0).sqrt() * scale
+                factor = self.rule.factors(group_norms, g)  # CL1 / CL2, (B,)
+                factor_rows = layout.each_row(factor.to(tape.dtype))[:, None]
+                rows |= dict.fromkeys(trained, factor_rows)
+                if self.rule.adaptive is not None:
+                    pending.unclipped += int((group_norms <= self.rule.thresholds[g]).sum())
+            stray = [self._names.get(p, "?") for p in terms if p not in rows]
+            if stray:
+                raise RuntimeError(
+                    f"per_sample: {', '.join(stray)} became trainable after the block was entered, so its "
+                    "clipping group is unknown; set requires_grad before entering the block"
+                )
         for (k, kind), param in params.items():
+            factor_rows = rows.get(param)
             if kind == "weight":
-                grad = _weight_gradient(delta[k], h[k], rows)  # BP3, or PS4 when clipping
+                grad = _weight_gradient(delta[k], h[k], factor_rows)  # BP3, or PS4 when clipping
                 grad_weights[k] = grad = grad.to(param.dtype)
             else:
-                grad = delta[k].sum(0) if rows is None else delta[k].t().mv(rows[:, 0])  # BP4, or PS4
+                grad = (
+                    delta[k].sum(0) if factor_rows is None else delta[k].t().mv(factor_rows[:, 0])
+                )  # BP4/PS4
                 grad_biases[k] = grad = grad.to(param.dtype)
             pending.produced.setdefault(param, []).append((grad, grad._version))
             layer = terms[param]
@@ -371,7 +414,7 @@ class PerSample:
             if "sum_grad_squared" in backpack:
                 quantities["sum_grad_squared"] = layer.sum_squared  # SGS
             if "variance" in backpack:
-                total = grad if rows is None else _unclipped(delta[k], h[k], kind)  # Σ_b γ_b
+                total = grad if factor_rows is None else _unclipped(delta[k], h[k], kind)  # Σ_b γ_b
                 quantities["variance"] = (
                     layer.sum_squared / layout.batch - (total / layout.batch).square()
                 )  # VAR
@@ -437,7 +480,7 @@ class PerSample:
                 setattr(param, name, value)
         if pending.norms is not None:
             self.norms = pending.norms if self.norms is None else torch.cat([self.norms, pending.norms])
-        if self.max_grad_norm is not None:
+        if self.rule is not None:
             samples = 0 if pending.norms is None else pending.norms.shape[0]
             for param, (grad, version) in pending.accumulated.items():
                 dp.record_clipped(
@@ -445,8 +488,10 @@ class PerSample:
                     grad,
                     version,
                     clean=pending.previous_clean.get(param, False),
-                    block=self,
+                    rule=self.rule,
+                    loss_reduction=self.loss_reduction,
                     samples=samples,
+                    unclipped=pending.unclipped,
                     scale=pending.scale,
                 )
 
