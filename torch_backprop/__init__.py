@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from . import activations, functional, testing
 from .activations import Activation, available_activations, get_activation, register_activation
+from .clipping import AdaptiveClipping
 from .dp import dp_sgd_step
 from .function import MLPFunction
 from .module import BackpropMLP
@@ -16,6 +17,7 @@ from .per_sample import per_sample
 
 __all__ = [
     "Activation",
+    "AdaptiveClipping",
     "BackpropMLP",
     "MLPFunction",
     "activations",

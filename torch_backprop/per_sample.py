@@ -499,8 +499,12 @@ class PerSample:
 def per_sample(
     model: BackpropMLP,
     loss_reduction: str = "mean",
-    max_grad_norm: float | None = None,
+    max_grad_norm: float | Sequence[float] | AdaptiveClipping | None = None,
     *,
+    clipping: str = "flat",
+    clipping_fn: str = "Abadi",
+    numerical_stability_constant: float | None = None,
+    groups: Sequence[int] | None = None,
     batch_first: bool = True,
     grad_sample: bool | None = None,
     grad_batch: bool = False,
@@ -549,7 +553,16 @@ def per_sample(
     Args:
         model: the :class:`BackpropMLP`.
         loss_reduction: ``"mean"`` or ``"sum"``: how the loss reduces its per-sample terms.
-        max_grad_norm: the clipping threshold C > 0, or ``None`` (default) for no clipping.
+        max_grad_norm: the clipping threshold C > 0, a list of thresholds (one per group of the
+            clipping style), an :class:`~torch_backprop.AdaptiveClipping`, or ``None`` (default)
+            for no clipping.
+        clipping: the clipping style, as :mod:`torch_backprop.clipping` lists them: ``"flat"``
+            (default), ``"per_layer"``, ``"adaptive"`` (Opacus), ``"layer-wise"``, ``"param-wise"``,
+            ``"group-wise"`` (fastDP).
+        clipping_fn: ``"Abadi"`` (default), c = min(1, C/‖g‖), or ``"automatic"``,
+            c = C/(‖g‖ + γ) (fastDP).
+        numerical_stability_constant: γ of ``"automatic"``; default 0.01 (fastDP's).
+        groups: with ``"group-wise"``: the index of the first layer of each group, starting at 0.
         batch_first: ``True`` (default) if the input is ``(B, *, n_0)``, ``False`` for
             ``(T, B, *, n_0)`` (Opacus's ``batch_first``).
         grad_sample: write ``p.grad_sample``; default: when not clipping.
@@ -586,6 +599,10 @@ def per_sample(
         model,
         loss_reduction=loss_reduction,
         max_grad_norm=max_grad_norm,
+        clipping=clipping,
+        clipping_fn=clipping_fn,
+        numerical_stability_constant=numerical_stability_constant,
+        groups=groups,
         batch_first=batch_first,
         grad_sample=grad_sample,
         grad_batch=grad_batch,
