@@ -86,3 +86,15 @@ def test_torch_compile_fullgraph_has_no_graph_break():
     assert_close(loss.detach(), ref.detach(), OUTPUT_TOLERANCE[torch.float32], "loss")
     for p, q in zip(model.parameters(), twin.parameters(), strict=True):
         assert_close(p.grad, q.grad, GRAD_TOLERANCE[torch.float32], "gradient")
+
+
+@pytest.mark.parametrize("activation", TRANSFORM_ACTIVATIONS)
+def test_batched_backward_matches_native(activation):
+    # autograd.grad(is_grads_batched=True) vmaps the backward: BP2 must not use the out= kernels.
+    model, twin = _models(activation)
+    x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    cotangents = torch.randn(3, 5, 3, dtype=torch.float64)
+    ours = torch.autograd.grad(model(x), [x, *model.parameters()], cotangents, is_grads_batched=True)
+    ref = torch.autograd.grad(twin(x), [x, *twin.parameters()], cotangents, is_grads_batched=True)
+    for k, (g, r) in enumerate(zip(ours, ref, strict=True)):
+        assert_close(g, r, F64, f"batched gradient {k}")

@@ -92,7 +92,7 @@ class Activation:
             if self.fused is not None and self.fused_differentiable:
                 return self.fused(grad, saved)
             return grad * self.derivative(saved)
-        if overwrite and grad.dtype == saved.dtype:
+        if overwrite and grad.dtype == saved.dtype and not _batched(grad):
             if self.fused_into is not None:
                 return self.fused_into(grad, saved)
             if self.fused is None:
@@ -124,6 +124,14 @@ class Activation:
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         # Pickle by name, so models holding lambdas still pickle; the name is resolved on load.
         return (_rebuild, (self.name, tuple(self.params.items())))
+
+
+def _batched(grad: Tensor) -> bool:
+    """Whether ``grad`` is batched by vmap (torch.func, or autograd's ``is_grads_batched``).
+
+    The ``out=`` kernels have no batching rule, so a batched backward takes the functional ones.
+    """
+    return torch._C._are_functorch_transforms_active() or torch._C._functorch.is_legacy_batchedtensor(grad)
 
 
 def _rebuild(name: str, params: tuple[tuple[str, Any], ...]) -> Activation:
