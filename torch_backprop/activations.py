@@ -131,6 +131,8 @@ def _batched(grad: Tensor) -> bool:
 
     The ``out=`` kernels have no batching rule, so a batched backward takes the functional ones.
     """
+    if torch.compiler.is_compiling():
+        return False  # traced: the compiler chooses the kernels
     return torch._C._are_functorch_transforms_active() or torch._C._functorch.is_legacy_batchedtensor(grad)
 
 
