@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision.datasets.mnist
-from _train_helpers import ROOT, SHARED_MNIST_10K, write_synthetic_mnist
+from _train_helpers import ROOT, write_synthetic_mnist
 
 from torch_backprop import BackpropMLP, train
 from torch_backprop.cli import main
@@ -188,6 +188,7 @@ def test_offline_download_failure_prints_one_message_without_traceback(tmp_path,
     assert "cannot load dataset 'mnist'" in message and "Name or service not known" in message
     assert str(root) in message and "train-images-idx3-ubyte" in message  # where, and what is missing
     assert "--data-root" in message and "--dataset fake" in message  # how to proceed
+    assert "--dataset mnist-10k" in message and "shipped" in message  # and how to run on real digits
 
 
 def test_curves_are_skipped_with_a_notice_without_matplotlib(mnist_root, tmp_path, monkeypatch, capsys):
@@ -289,11 +290,10 @@ def test_two_processes_equal_one_on_the_same_global_batch(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not SHARED_MNIST_10K.is_dir(), reason="../shared/data/mnist-10k is absent")
 def test_real_mnist_10k_one_epoch(tmp_path):
     out = tmp_path / "real"
     options = "--dataset mnist-10k --epochs 1 --limit-train 2000 --hidden 64 --batch-size 32".split()
-    assert main(["train", *options, "--data-root", str(SHARED_MNIST_10K), "--out", str(out)]) == 0
+    assert main(["train", *options, "--out", str(out)]) == 0  # the digits shipped in the package
     rows = metrics(out)["epochs"]
     assert rows[0]["manual"]["test_accuracy"] > 0.8  # chance is 0.1; real digits, 2,000 for training
     assert metrics(out)["config"]["limit_train"] == 2000

@@ -70,14 +70,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--dataset",
         default="mnist",
         choices=list(DATASETS),
-        help="torchvision dataset; mnist-10k: the offline MNIST test set, first 8,000 "
-        "train, last 2,000 test; fake: torchvision FakeData (default: mnist)",
+        help="torchvision dataset; mnist-10k: the MNIST test set shipped with the package (no "
+        "download), first 8,000 train, last 2,000 test; fake: torchvision FakeData (default: mnist)",
     )
     data.add_argument(
         "--data-root",
         type=Path,
         default=None,
-        help=f"where the data is or goes (default: {default_data_root()})",
+        help=f"where the data is or goes (default: {default_data_root()}; for mnist-10k, the copy "
+        "shipped with the package)",
     )
     data.add_argument(
         "--limit-train", type=int, default=None, metavar="N", help="use the first N training samples"
@@ -301,10 +302,9 @@ class _Context:
 
 
 def _load_data(args: argparse.Namespace, context: _Context) -> tuple[TensorDataset, TensorDataset, Any]:
-    root = args.data_root if args.data_root is not None else default_data_root()
-
     def load() -> tuple[TensorDataset, TensorDataset, Any]:
         if context.main and args.dataset not in ("fake", "mnist-10k"):
+            root = args.data_root if args.data_root is not None else default_data_root()
             missing = [f for f in expected_files(args.dataset, root) if not f.exists()]
             if missing:
                 print(
@@ -314,7 +314,7 @@ def _load_data(args: argparse.Namespace, context: _Context) -> tuple[TensorDatas
                 )
         return load_dataset(
             args.dataset,
-            root,
+            args.data_root,
             limit_train=args.limit_train,
             limit_test=args.limit_test,
             fake_size=args.fake_size,
