@@ -32,9 +32,10 @@ def test_unknown_devices_are_refused(choice):
 @pytest.mark.parametrize(
     "argv",
     [
+        ["train", "--dataset", "fake", "--device", "cuda"],
         ["bench", "--quick", "--device", "cuda"],
     ],
-    ids=["bench"],
+    ids=["train", "bench"],
 )
 def test_every_command_refuses_cuda_without_cuda(monkeypatch, capsys, argv):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

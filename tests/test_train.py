@@ -1,3 +1,5 @@
+"""The train command end to end on small synthetic MNIST files: files, backends, resume, errors, DDP."""
+
 from __future__ import annotations
 
 import json
@@ -12,7 +14,7 @@ import torch
 import torchvision.datasets.mnist
 from _train_helpers import ROOT, write_synthetic_mnist
 
-from torch_backprop import BackpropMLP, train
+from torch_backprop import BackpropMLP, checkpoint
 from torch_backprop.cli import main
 from torch_backprop.data import load_dataset
 
@@ -142,7 +144,7 @@ def test_resume_reproduces_an_uninterrupted_run_exactly(mnist_root, tmp_path, mo
     ]
     assert main(synthetic_args(mnist_root, tmp_path / "straight", *options)) == 0
 
-    real_write = train._write_epoch
+    real_write = checkpoint.write_epoch
     calls = []
 
     def crash_after_first_epoch(*args, **kwargs):
@@ -150,11 +152,11 @@ def test_resume_reproduces_an_uninterrupted_run_exactly(mnist_root, tmp_path, mo
         calls.append(1)
         raise KeyboardInterrupt  # the process dies right after epoch 1's checkpoint
 
-    monkeypatch.setattr(train, "_write_epoch", crash_after_first_epoch)
+    monkeypatch.setattr(checkpoint, "write_epoch", crash_after_first_epoch)
     interrupted = tmp_path / "interrupted"
     assert main(synthetic_args(mnist_root, interrupted, *options)) == 130
     assert calls == [1] and metrics(interrupted)["epochs"][-1]["epoch"] == 1
-    monkeypatch.setattr(train, "_write_epoch", real_write)
+    monkeypatch.setattr(checkpoint, "write_epoch", real_write)
     assert main(synthetic_args(mnist_root, interrupted, *options, "--resume", str(interrupted))) == 0
 
     straight = torch.load(tmp_path / "straight" / "model.pt", weights_only=True)
@@ -197,22 +199,6 @@ def test_curves_are_skipped_with_a_notice_without_matplotlib(mnist_root, tmp_pat
     assert main(synthetic_args(mnist_root, out, "--epochs", "1")) == 0
     assert "matplotlib is not installed: skipped curves.png" in capsys.readouterr().out
     assert not (out / "curves.png").exists() and (out / "model.pt").exists()
-
-
-def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
-    path = tmp_path / "checkpoint.pt"
-    path.write_bytes(b"old")
-
-    def half_then_crash(file):
-        file.write(b"half")
-        raise OSError("disk full")
-
-    with pytest.raises(OSError, match="disk full"):
-        train.atomic_write(path, half_then_crash)
-    assert path.read_bytes() == b"old"
-    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temporary left behind
-    train.atomic_write(path, lambda file: file.write(b"new"))
-    assert path.read_bytes() == b"new"
 
 
 def test_fake_dataset_amp_bf16_and_sgd_schedule(tmp_path):
