@@ -33,9 +33,10 @@ def test_unknown_devices_are_refused(choice):
     "argv",
     [
         ["train", "--dataset", "fake", "--device", "cuda"],
+        ["verify", "--sizes", "4,3", "--device", "cuda"],
         ["bench", "--quick", "--device", "cuda"],
     ],
-    ids=["train", "bench"],
+    ids=["train", "verify", "bench"],
 )
 def test_every_command_refuses_cuda_without_cuda(monkeypatch, capsys, argv):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
