@@ -36,7 +36,12 @@ def test_command_line_prints_the_table_and_writes_json_and_plot(tmp_path, capsys
 
 def test_table_and_plot_of_a_report(tmp_path) -> None:
     settings = benchmark.Settings(
-        shapes=[((8, 16, 10), 16)], activations=["relu", "gelu"], rounds=2, min_run_time=1e-3, compile=False
+        shapes=[((8, 16, 10), 16)],
+        activations=["relu", "gelu"],
+        rounds=2,
+        min_run_time=1e-3,
+        compile=False,
+        threads=1,
     )
     report = benchmark.run_benchmark(settings)
     check_table(format_table(report), report)
