@@ -4,7 +4,7 @@
 networks, with the same kernels and no more instructions. This asks how much of that any
 ``torch.autograd.Function`` with a Python backward pays, and how much is BackpropMLP's own
 generality (checks, the :class:`~torch_backprop.function.Tape`, the shared δ generator, the
-activation dispatch). It times one training step (``torch-backprop bench``'s ``_training_step``,
+activation dispatch). It times one training step (``torch_backprop.benchmark.training_step``,
 interleaved, medians) of:
 
 * ``manual``: BackpropMLP;
@@ -30,7 +30,8 @@ import torch
 from torch import Tensor, nn
 
 from torch_backprop import BackpropMLP
-from torch_backprop.bench import Case, _training_step, interleaved_medians, parse_cases
+from torch_backprop.benchmark import Case, parse_cases, training_step
+from torch_backprop.timing import interleaved_medians
 
 relu_backward_into = torch.ops.aten.threshold_backward.grad_input
 
@@ -108,7 +109,7 @@ def main() -> None:
         case = Case(sizes, batch)
         x, target = case.data()
         steps = {
-            name: _training_step(m, list(m.parameters()), x, target, case.loss) for name, m in models.items()
+            name: training_step(m, list(m.parameters()), x, target, case.loss) for name, m in models.items()
         }
         for step in steps.values():  # warm-up
             for _ in range(3):

@@ -18,21 +18,21 @@ import sys
 
 from torch.utils.benchmark import Timer
 
-from torch_backprop.bench import Case, parse_cases
+from torch_backprop.benchmark import Case, parse_cases
 
 # The step is torch-backprop bench's (zero the gradients, forward, loss, backward), on the same
 # loss: MSE for width-1 outputs, cross-entropy otherwise.
 SETUP = """
 import torch
 from torch_backprop import BackpropMLP
-from torch_backprop.bench import Case, _training_step
+from torch_backprop.benchmark import Case, training_step
 
 torch.manual_seed(0)
 manual = BackpropMLP({sizes}, activation="{activation}")
 model = {{"manual": manual, "native": manual.to_sequential()}}["{name}"]
 case = Case({sizes}, {batch})
 x, target = case.data()
-step = _training_step(model, list(model.parameters()), x, target, case.loss)
+step = training_step(model, list(model.parameters()), x, target, case.loss)
 for _ in range(20):
     step()
 """

@@ -28,8 +28,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import time
 import warnings
@@ -42,6 +40,8 @@ from torch.func import functional_call, grad, vmap
 from torch.utils.benchmark import Timer
 
 from torch_backprop import BackpropMLP, per_sample
+from torch_backprop.files import write_json
+from torch_backprop.timing import machine_info
 
 Step = Callable[[], None]
 
@@ -246,12 +246,11 @@ def main(argv: list[str] | None = None) -> dict:
         "max_grad_norm": clip,
         "threads": args.threads,
         "torch": torch.__version__,
-        "platform": platform.platform(),
+        "machine": machine_info("cpu", args.threads),
         "rows": rows,
     }
     if args.json:
-        with open(args.json, "w") as file:
-            json.dump(result, file, indent=2)
+        write_json(result, args.json)
     return result
 
 

@@ -21,7 +21,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from torch_backprop import BackpropMLP
-from torch_backprop.bench import Case, _training_step, parse_cases
+from torch_backprop.benchmark import Case, parse_cases, training_step
+from torch_backprop.timing import rotated
 
 MATMULS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear"}
 
@@ -60,7 +61,7 @@ def main() -> None:
     case = Case(sizes, batch)
     x, target = case.data()
     steps = {
-        name: _training_step(model, list(model.parameters()), x, target, case.loss)
+        name: training_step(model, list(model.parameters()), x, target, case.loss)
         for name, model in (("manual", manual), ("native", native))
     }
     # Sessions alternate between the contenders and each figure is the median over them: a
@@ -68,7 +69,7 @@ def main() -> None:
     # whichever contender it falls on would otherwise look slower.
     sessions: dict[str, list[dict[str, float]]] = {name: [] for name in steps}
     for session in range(args.sessions):
-        for name in list(steps)[session % 2 :] + list(steps)[: session % 2]:
+        for name in rotated(list(steps), session):
             show = session == args.sessions - 1
             sessions[name].append(profile_step(name, steps[name], args.steps, args.rows, show))
     results = {

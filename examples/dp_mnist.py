@@ -1,7 +1,8 @@
 """DP-SGD on offline MNIST with per-sample clipping inside BackpropMLP's one backward.
 
-Data: the official MNIST test set in ``../shared/data/mnist-10k`` (10,000 real digits); the first
-8,000 train, the last 2,000 are held out for the reported accuracy. Batches are drawn by Poisson
+Data: the official MNIST test set that ships with torch_backprop (``--dataset mnist-10k`` of the
+train command: 10,000 real digits, checksum-verified); the first 8,000 train, the last 2,000 are
+held out for the reported accuracy. Batches are drawn by Poisson
 sampling (each training sample independently with probability q = batch_size / n), the sampling
 the RDP accountant assumes; the loss is summed over the batch, each sample's gradient clipped to
 norm C inside the backward (:func:`torch_backprop.per_sample`), and :func:`torch_backprop.dp_sgd_step`
@@ -27,22 +28,19 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchvision.datasets.mnist import read_image_file, read_label_file
 
 from torch_backprop import BackpropMLP, dp_sgd_step, per_sample
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA_ROOT = REPO_ROOT / ".." / "shared" / "data" / "mnist-10k"
-MEAN, STD = 0.1307, 0.3081  # MNIST pixel statistics, as in the usual torchvision transforms
-TRAIN = 8000  # first 8,000 of the 10,000 train; the rest test (see shared/data/README.md)
+from torch_backprop.data import DataError, load_dataset
 
 
-def load_mnist(root: Path) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(x_train, y_train, x_test, y_test): the first 8,000 and the last 2,000, as (n, 784) floats."""
-    images = read_image_file(str(root / "t10k-images-idx3-ubyte"))
-    labels = read_label_file(str(root / "t10k-labels-idx1-ubyte"))
-    x = ((images.float() / 255 - MEAN) / STD).flatten(1)
-    return x[:TRAIN], labels[:TRAIN], x[TRAIN:], labels[TRAIN:]
+def load_mnist(root: Path | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(x_train, y_train, x_test, y_test): the first 8,000 and the last 2,000, as normalised (n, 784) floats.
+
+    ``root`` None reads the copy shipped with torch_backprop; otherwise a folder holding the two
+    official ``t10k-*-ubyte.gz`` files.
+    """
+    train, test, _ = load_dataset("mnist-10k", root)
+    return (*train.tensors, *test.tensors)
 
 
 def synthetic_digits(
@@ -78,7 +76,12 @@ def epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: floa
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-root", type=Path, default=DEFAULT_DATA_ROOT)
+    parser.add_argument(
+        "--data-root",
+        type=Path,
+        default=None,
+        help="folder of the two MNIST test-set .gz files (default: the copy shipped with torch_backprop)",
+    )
     parser.add_argument("--synthetic", action="store_true", help="random prototype digits, no files")
     parser.add_argument("--limit", type=int, default=None, help="use only the first N training samples")
     parser.add_argument("--epochs", type=int, default=10)
@@ -103,10 +106,11 @@ def main(argv: list[str] | None = None) -> dict:
         x_train, y_train, x_test, y_test = synthetic_digits(4000, 500, generator)
         data = "synthetic"
     else:
-        if not args.data_root.is_dir():
-            parser.error(f"no MNIST files in {args.data_root}; pass --data-root or use --synthetic")
-        x_train, y_train, x_test, y_test = load_mnist(args.data_root)
-        data = f"MNIST test set: train on first {TRAIN}, test on last {len(y_test)}"
+        try:
+            x_train, y_train, x_test, y_test = load_mnist(args.data_root)
+        except DataError as error:
+            parser.error(f"{error}\n(or use --synthetic)")
+        data = f"MNIST test set: train on first {len(y_train)}, test on last {len(y_test)}"
     if args.limit:
         x_train, y_train = x_train[: args.limit], y_train[: args.limit]
 

@@ -12,7 +12,6 @@ import torch
 from torch import Tensor
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED_MNIST_10K = ROOT.parent / "shared" / "data" / "mnist-10k"
 MNIST_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),

@@ -6,6 +6,7 @@ Timings are never asserted; a run only has to finish and print its table.
 from __future__ import annotations
 
 import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -79,3 +80,23 @@ def test_profile_step_prints_its_summary():
     for name in ("manual", "native"):
         cells = [float(cell) for cell in rows[name].strip("|").split("|")[1:]]
         assert len(cells) == 4 and cells[0] > 0
+
+
+def test_per_sample_clipped_gradients_agree_with_a_float64_loop(tmp_path):
+    out = tmp_path / "per_sample.json"
+    result = load("per_sample").main(
+        [
+            *("--sizes", "6", "8", "3", "--batch-size", "5", "--rounds", "1", "--min-run-time", "0.01"),
+            *("--threads", "1", "--json", str(out)),
+        ]
+    )
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    measured = {row["method"]: row for row in result["rows"] if "skipped" not in row}
+    assert {"plain BackpropMLP", "per_sample clipped", "torch.func vmap(grad) + clipping"} <= set(measured)
+    for name, row in measured.items():
+        if name.startswith("plain"):
+            assert row["max_abs_error_vs_float64_loop"] is None
+        else:  # every clipping method against the float64 per-sample loop
+            assert row["max_abs_error_vs_float64_loop"] < 1e-6, name
+        assert len(row["times_s"]) == 1 and row["median_s"] > 0
+    assert result["machine"]["threads"] == 1 and result["machine"]["cpu"]

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import GRAD_TOLERANCE, OUTPUT_TOLERANCE, assert_close, assert_matches_native, cuda, run_and_grad
 
 from torch_backprop import BackpropMLP, available_activations
+from torch_backprop.functional import dropout_masks
 
 pytestmark = cuda
 
@@ -41,10 +43,26 @@ def test_cuda_autocast_float16(activation):
         assert_close(grad, ref, GRAD_TOLERANCE[torch.float16], "gradient")
 
 
-def test_cuda_module_moves_and_dropout():
-    model = BackpropMLP([8, 16, 4], dropout=0.3).cuda()
-    assert model.layers[0].weight.is_cuda
-    model.train()
-    out = model(torch.randn(5, 8, device="cuda"))
-    out.sum().backward()
-    assert model.layers[0].weight.grad.is_cuda
+def dropout_against_a_native_forward(device: str) -> None:
+    """BackpropMLP in training on ``device`` against autograd on a hand-written forward with its masks."""
+    model = BackpropMLP([8, 16, 4], dropout=0.3).to(device)
+    assert all(p.device.type == device for p in model.parameters())
+    x = torch.randn(5, 8, device=device)
+    upstream = torch.randn(5, 4, device=device)
+    torch.manual_seed(3)
+    out = model.train()(x)
+    grads = torch.autograd.grad(out, list(model.parameters()), upstream)
+    torch.manual_seed(3)  # the same draw gives the masks BackpropMLP used
+    (mask,) = dropout_masks(5, [16], 0.3, torch.float32, x.device)
+    assert (mask == 0).any() and (mask != 0).any()
+    params = [p.detach().clone().requires_grad_() for p in model.parameters()]  # W0, b0, W1, b1
+    ref = F.linear(torch.relu(F.linear(x, params[0], params[1])) * mask, params[2], params[3])
+    ref_grads = torch.autograd.grad(ref, params, upstream)
+    assert_close(out, ref, OUTPUT_TOLERANCE[torch.float32], "output")
+    for (name, _), grad, expected in zip(model.named_parameters(), grads, ref_grads, strict=True):
+        assert grad.device == x.device
+        assert_close(grad, expected, GRAD_TOLERANCE[torch.float32], name)
+
+
+def test_cuda_module_moves_and_dropout_matches_native_with_its_masks():
+    dropout_against_a_native_forward("cuda")

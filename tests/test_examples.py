@@ -1,3 +1,5 @@
+"""The example scripts: each runs offline and computes what its stock PyTorch counterpart computes."""
+
 from __future__ import annotations
 
 import copy

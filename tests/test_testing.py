@@ -1,4 +1,4 @@
-"""The public checking helpers: compare_gradients and assert_gradients_match."""
+"""The checking helpers: compare_gradients, assert_gradients_match, and the conventions verify shares."""
 
 from __future__ import annotations
 
@@ -7,7 +7,13 @@ import torch
 from torch import nn
 
 from torch_backprop import BackpropMLP
-from torch_backprop.testing import assert_gradients_match, compare_gradients
+from torch_backprop.testing import (
+    assert_gradients_match,
+    compare_gradients,
+    format_table,
+    seeded_loss,
+    tolerances,
+)
 
 
 def test_compare_gradients_reports_every_tensor():
@@ -48,3 +54,32 @@ def test_assert_gradients_match_passes_and_fails_with_a_table():
 def test_parameter_count_mismatch_is_an_error():
     with pytest.raises(ValueError, match="4 trainable parameters but reference has 2"):
         compare_gradients(BackpropMLP([4, 5, 2]), nn.Linear(4, 2), torch.randn(3, 4))
+
+
+def test_seeded_loss_backpropagates_its_fixed_random_weights():
+    output = torch.zeros(3, 4, dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(seeded_loss(7)(output), output)
+    expected = torch.randn(3, 4, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    assert torch.equal(grad, expected)
+    (other,) = torch.autograd.grad(seeded_loss(8)(output), output)
+    assert not torch.equal(other, grad)
+
+
+def test_tolerances_are_torch_testings_defaults_unless_given():
+    # The documented defaults of torch.testing.assert_close.
+    assert tolerances(torch.float64) == (1e-7, 1e-7)
+    assert tolerances(torch.float32) == (1.3e-6, 1e-5)
+    assert tolerances(torch.bfloat16) == (1.6e-2, 1e-5)
+    assert tolerances(torch.float16) == (1e-3, 1e-5)
+    assert tolerances(torch.float64, rtol=0.5) == (0.5, 1e-7)  # each missing one filled alone
+    assert tolerances(torch.float32, atol=0.25) == (1.3e-6, 0.25)
+
+
+def test_format_table_aligns_and_underlines():
+    table = format_table([["tensor", "shape", "err"], ["∂W^(0)", "(5, 4)", "1.0e-03"], ["∂x", "(3,)", "2"]])
+    assert table.splitlines() == [
+        "tensor  shape       err",
+        "------  ------  -------",
+        "∂W^(0)  (5, 4)  1.0e-03",
+        "∂x      (3,)          2",
+    ]

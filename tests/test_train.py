@@ -1,3 +1,5 @@
+"""The train command end to end on small synthetic MNIST files: files, backends, resume, errors, DDP."""
+
 from __future__ import annotations
 
 import json
@@ -10,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision.datasets.mnist
-from _train_helpers import ROOT, SHARED_MNIST_10K, write_synthetic_mnist
+from _train_helpers import ROOT, write_synthetic_mnist
 
-from torch_backprop import BackpropMLP, train
+from torch_backprop import BackpropMLP, checkpoint
 from torch_backprop.cli import main
 from torch_backprop.data import load_dataset
 
@@ -142,7 +144,7 @@ def test_resume_reproduces_an_uninterrupted_run_exactly(mnist_root, tmp_path, mo
     ]
     assert main(synthetic_args(mnist_root, tmp_path / "straight", *options)) == 0
 
-    real_write = train._write_epoch
+    real_write = checkpoint.write_epoch
     calls = []
 
     def crash_after_first_epoch(*args, **kwargs):
@@ -150,11 +152,11 @@ def test_resume_reproduces_an_uninterrupted_run_exactly(mnist_root, tmp_path, mo
         calls.append(1)
         raise KeyboardInterrupt  # the process dies right after epoch 1's checkpoint
 
-    monkeypatch.setattr(train, "_write_epoch", crash_after_first_epoch)
+    monkeypatch.setattr(checkpoint, "write_epoch", crash_after_first_epoch)
     interrupted = tmp_path / "interrupted"
     assert main(synthetic_args(mnist_root, interrupted, *options)) == 130
     assert calls == [1] and metrics(interrupted)["epochs"][-1]["epoch"] == 1
-    monkeypatch.setattr(train, "_write_epoch", real_write)
+    monkeypatch.setattr(checkpoint, "write_epoch", real_write)
     assert main(synthetic_args(mnist_root, interrupted, *options, "--resume", str(interrupted))) == 0
 
     straight = torch.load(tmp_path / "straight" / "model.pt", weights_only=True)
@@ -188,6 +190,7 @@ def test_offline_download_failure_prints_one_message_without_traceback(tmp_path,
     assert "cannot load dataset 'mnist'" in message and "Name or service not known" in message
     assert str(root) in message and "train-images-idx3-ubyte" in message  # where, and what is missing
     assert "--data-root" in message and "--dataset fake" in message  # how to proceed
+    assert "--dataset mnist-10k" in message and "shipped" in message  # and how to run on real digits
 
 
 def test_curves_are_skipped_with_a_notice_without_matplotlib(mnist_root, tmp_path, monkeypatch, capsys):
@@ -196,22 +199,6 @@ def test_curves_are_skipped_with_a_notice_without_matplotlib(mnist_root, tmp_pat
     assert main(synthetic_args(mnist_root, out, "--epochs", "1")) == 0
     assert "matplotlib is not installed: skipped curves.png" in capsys.readouterr().out
     assert not (out / "curves.png").exists() and (out / "model.pt").exists()
-
-
-def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
-    path = tmp_path / "checkpoint.pt"
-    path.write_bytes(b"old")
-
-    def half_then_crash(file):
-        file.write(b"half")
-        raise OSError("disk full")
-
-    with pytest.raises(OSError, match="disk full"):
-        train.atomic_write(path, half_then_crash)
-    assert path.read_bytes() == b"old"
-    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temporary left behind
-    train.atomic_write(path, lambda file: file.write(b"new"))
-    assert path.read_bytes() == b"new"
 
 
 def test_fake_dataset_amp_bf16_and_sgd_schedule(tmp_path):
@@ -289,11 +276,10 @@ def test_two_processes_equal_one_on_the_same_global_batch(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not SHARED_MNIST_10K.is_dir(), reason="../shared/data/mnist-10k is absent")
 def test_real_mnist_10k_one_epoch(tmp_path):
     out = tmp_path / "real"
     options = "--dataset mnist-10k --epochs 1 --limit-train 2000 --hidden 64 --batch-size 32".split()
-    assert main(["train", *options, "--data-root", str(SHARED_MNIST_10K), "--out", str(out)]) == 0
+    assert main(["train", *options, "--out", str(out)]) == 0  # the digits shipped in the package
     rows = metrics(out)["epochs"]
     assert rows[0]["manual"]["test_accuracy"] > 0.8  # chance is 0.1; real digits, 2,000 for training
     assert metrics(out)["config"]["limit_train"] == 2000

@@ -1,3 +1,5 @@
+"""The verify command: passes on good models, fails on a broken σ', and its δ norms are the chain rule's."""
+
 from __future__ import annotations
 
 import pytest

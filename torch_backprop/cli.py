@@ -11,7 +11,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-__all__ = ["main", "positive_ints"]
+__all__ = ["ConfigError", "main", "positive_ints"]
 
 # name -> (module, one-line help)
 SUBCOMMANDS = {
@@ -19,6 +19,10 @@ SUBCOMMANDS = {
     "verify": ("torch_backprop.verify", "check the manual backward against native autograd"),
     "bench": ("torch_backprop.bench", "time a training step against autograd and torch.compile"),
 }
+
+
+class ConfigError(ValueError):
+    """Options that do not fit together: a command reports it as one line, without a traceback."""
 
 
 def positive_ints(text: str, *, what: str, example: str, at_least: int = 0) -> list[int]:

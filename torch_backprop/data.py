@@ -6,8 +6,10 @@ when missing), normalised with its usual per-channel mean and standard deviation
 ``sizes[0] = channels * height * width`` reads it. The result is an in-memory
 ``TensorDataset``: on a small machine that is much faster than a per-sample PIL pipeline.
 
-``mnist-10k`` reads the two MNIST test-set IDX files alone (see ``../shared/data/README.md``):
-train on the first 8,000 images, test on the last 2,000.
+``mnist-10k`` is the official MNIST test set, shipped inside the package (``mnist_10k/``: the two
+gzip-compressed IDX files, their SHA-256 checksums and CC BY-SA 3.0 licence note): train on the
+first 8,000 images, test on the last 2,000, with no download. Each file's checksum is verified
+before it is read.
 
 Every failure to find or read the files raises :class:`DataError`, whose message says where the
 files were looked for, what is missing and how to proceed; the command prints it without a traceback.
@@ -16,8 +18,12 @@ files were looked for, what is missing and how to proceed; the command prints it
 from __future__ import annotations
 
 import contextlib
+import gzip
+import hashlib
 import io
+import math
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +38,8 @@ __all__ = [
     "default_data_root",
     "expected_files",
     "load_dataset",
+    "read_idx",
+    "shipped_mnist_10k",
 ]
 
 
@@ -79,7 +87,11 @@ _TORCHVISION_CLASS = {
     "kmnist": "KMNIST",
     "cifar10": "CIFAR10",
 }
-_MNIST_10K_FILES = ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+# The official MNIST test-set files and their SHA-256 (see mnist_10k/README.md).
+MNIST_10K_SHA256 = {
+    "t10k-images-idx3-ubyte.gz": "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
+    "t10k-labels-idx1-ubyte.gz": "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
+}
 MNIST_10K_SPLIT = 8000  # first 8,000 images train, the rest (2,000) test
 
 
@@ -95,12 +107,18 @@ def default_data_root() -> Path:
     return Path(cache) / "torch_backprop"
 
 
+def shipped_mnist_10k() -> Path:
+    """The folder inside the package that holds the MNIST test set (``mnist-10k``'s default root)."""
+    return Path(__file__).resolve().parent / "mnist_10k"
+
+
 def expected_files(name: str, root: str | os.PathLike[str]) -> list[Path]:
     """The files ``load_dataset(name, root)`` reads (empty for ``fake``)."""
     root = Path(root)
     if name == "mnist-10k":
-        folder = root if (root / _MNIST_10K_FILES[0]).exists() else root / "MNIST" / "raw"
-        return [folder / f for f in _MNIST_10K_FILES]
+        first = next(iter(MNIST_10K_SHA256))
+        folder = root if (root / first).exists() else root / "MNIST" / "raw"
+        return [folder / f for f in MNIST_10K_SHA256]
     if name == "cifar10":
         from torchvision.datasets import CIFAR10
 
@@ -133,42 +151,85 @@ def _failure(name: str, root: Path, reason: str) -> DataError:
     lines = [f"cannot load dataset {name!r} from {root}: {reason}"]
     if missing:
         lines.append("missing: " + ", ".join(missing))
-    elif files:
+    elif files and name != "mnist-10k":
         lines.append(
             "the files are there but could not be read (corrupt or truncated?): delete them to "
             "download them again"
         )
-    lines.append(
-        "to proceed: put the files there (or pass --data-root DIR where they are), "
-        "or run offline with --dataset fake"
-    )
+    if name == "mnist-10k":
+        lines.append(
+            "to proceed: leave out --data-root to read the copy shipped with torch_backprop (reinstall "
+            "the package if that copy fails its checksum), or run with --dataset fake"
+        )
+    else:
+        lines.append(
+            "to proceed: put the files there (or pass --data-root DIR where they are), "
+            "or run offline with --dataset fake"
+        )
     if name == "mnist":
-        lines.append("(real MNIST digits offline: --dataset mnist-10k --data-root ../shared/data/mnist-10k)")
+        lines.append(
+            "real MNIST digits with no download: --dataset mnist-10k (the 10,000-digit test set shipped "
+            "with torch_backprop: train on the first 8,000, test on the last 2,000)"
+        )
     return DataError("\n".join(lines))
 
 
-def _load_mnist_10k(root: Path) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    from torchvision.datasets.mnist import read_image_file, read_label_file
+def read_idx(path: str | os.PathLike[str]) -> Tensor:
+    """A uint8 IDX file (gzip-compressed when its name ends in ``.gz``) as a tensor of its dimensions.
 
+    The format: two zero bytes, the type byte 0x08 (uint8), the number of dimensions, each dimension
+    as a big-endian int32, then the data.
+
+    Raises:
+        ValueError: not a uint8 IDX file, or its data is shorter or longer than its dimensions say.
+    """
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as file:
+        data = file.read()
+    if len(data) < 4 or data[:3] != b"\x00\x00\x08":
+        raise ValueError(f"{path.name}: not a uint8 IDX file (header {data[:4].hex()})")
+    ndim = data[3]
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise ValueError(f"{path.name}: IDX header cut short ({len(data)} bytes)")
+    dims = struct.unpack(f">{ndim}i", data[4:header])
+    size, given = math.prod(dims), len(data) - header
+    if given != size:
+        raise ValueError(f"{path.name}: IDX dimensions {dims} need {size} bytes of data, got {given}")
+    return torch.frombuffer(bytearray(data[header:]), dtype=torch.uint8).view(*dims)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _load_mnist_10k(root: Path) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     image_file, label_file = expected_files("mnist-10k", root)
     if not (image_file.exists() and label_file.exists()):
         raise _failure(
             "mnist-10k",
             root,
-            "the MNIST test-set IDX files are not there (no download for "
-            "this set: it is the offline copy of the official test set)",
+            "the MNIST test-set files are not there (no download for this set: it ships with "
+            "torch_backprop; leave out --data-root to use the shipped copy)",
         )
+    for path in (image_file, label_file):
+        digest = _sha256(path)
+        if digest != MNIST_10K_SHA256[path.name]:
+            raise _failure(
+                "mnist-10k",
+                root,
+                f"{path.name} is not the official MNIST file: SHA-256 {digest}, expected "
+                f"{MNIST_10K_SHA256[path.name]}",
+            )
     try:
-        images, labels = read_image_file(str(image_file)), read_label_file(str(label_file))
-    except Exception as error:  # torchvision raises assorted types on malformed IDX files
+        images, labels = read_idx(image_file), read_idx(label_file)
+    except (OSError, ValueError) as error:
         raise _failure("mnist-10k", root, f"{type(error).__name__}: {error}") from None
-    if images.shape[0] != labels.shape[0] or images.shape[0] <= MNIST_10K_SPLIT:
-        raise _failure(
-            "mnist-10k",
-            root,
-            f"expected more than {MNIST_10K_SPLIT} images with one label "
-            f"each, got {images.shape[0]} images and {labels.shape[0]} labels",
-        )
     split = MNIST_10K_SPLIT
     images = _as_nchw(images)
     return images[:split], labels[:split], images[split:], labels[split:]
@@ -226,7 +287,8 @@ def load_dataset(
 
     Args:
         name: a key of :data:`DATASETS`.
-        root: where the files are (and go); default :func:`default_data_root`.
+        root: where the files are (and go); default :func:`default_data_root`, and for
+            ``mnist-10k`` the copy shipped inside the package (:func:`shipped_mnist_10k`).
         download: fetch the files when missing (the sets torchvision can download).
         limit_train: keep only the first this many training samples.
         limit_test: keep only the first this many test samples.
@@ -243,7 +305,10 @@ def load_dataset(
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; expected one of: {', '.join(DATASETS)}")
     info = DATASETS[name]
-    root = Path(root).expanduser() if root is not None else default_data_root()
+    if root is not None:
+        root = Path(root).expanduser()
+    else:
+        root = shipped_mnist_10k() if name == "mnist-10k" else default_data_root()
     if name == "fake":
         test_size = max(1, fake_size // 4)
         if limit_train is not None:

@@ -3,17 +3,29 @@
 Typical use: ``assert_gradients_match(model, model.to_sequential(), x)``, i.e. BackpropMLP against
 native autograd on its twin with identical weights; but any two modules with parameters of the
 same shapes, in the same order, can be compared.
+
+This module owns the package's checking conventions, which ``torch-backprop verify`` uses too: the
+seeded loss (:func:`seeded_loss`), the default tolerances per dtype (:func:`tolerances`) and the
+error table (:func:`format_table`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["GradientError", "assert_gradients_match", "compare_gradients"]
+__all__ = [
+    "GradientError",
+    "assert_gradients_match",
+    "compare_gradients",
+    "error_table",
+    "format_table",
+    "seeded_loss",
+    "tolerances",
+]
 
 
 @dataclass(frozen=True)
@@ -36,12 +48,18 @@ class GradientError:
     scale: float = 0.0
 
 
-def _seeded_loss(output: Tensor) -> Tensor:
-    # A fixed random upstream gradient, so every entry of every gradient is exercised.
-    generator = torch.Generator().manual_seed(0)
-    weights = torch.randn(output.shape, generator=generator, dtype=torch.float64)
-    return (output * weights.to(output.device, output.dtype)).sum()
+def seeded_loss(seed: int = 0) -> Callable[[Tensor], Tensor]:
+    """Q(h) = Σ h ⊙ R, R fixed and random (from ``seed``): every entry of every gradient is exercised."""
 
+    def loss(output: Tensor) -> Tensor:
+        generator = torch.Generator().manual_seed(seed)
+        weights = torch.randn(output.shape, generator=generator, dtype=torch.float64)
+        return (output * weights.to(output.device, output.dtype)).sum()
+
+    return loss
+
+
+_seeded_loss = seeded_loss(0)
 
 # torch.testing.assert_close's defaults per dtype.
 _DEFAULT_TOLERANCES = {
@@ -50,6 +68,17 @@ _DEFAULT_TOLERANCES = {
     torch.bfloat16: (1.6e-2, 1e-5),
     torch.float16: (1e-3, 1e-5),
 }
+
+
+def tolerances(
+    dtype: torch.dtype, rtol: float | None = None, atol: float | None = None
+) -> tuple[float, float]:
+    """``(rtol, atol)``: those given, and ``torch.testing.assert_close``'s default for ``dtype`` for each not.
+
+    Dtypes without a default of their own get float32's.
+    """
+    default_rtol, default_atol = _DEFAULT_TOLERANCES.get(dtype, _DEFAULT_TOLERANCES[torch.float32])
+    return (default_rtol if rtol is None else rtol, default_atol if atol is None else atol)
 
 
 def _errors(name: str, actual: Tensor, expected: Tensor) -> GradientError:
@@ -121,12 +150,29 @@ def compare_gradients(
     return [_errors(*pair) for pair in _gradient_pairs(model, reference, inputs, loss_fn)]
 
 
-def format_table(errors: list[GradientError]) -> str:
-    """A fixed-width table of :class:`GradientError` rows."""
-    lines = [f"{'tensor':<24} {'shape':<16} {'max abs err':>12} {'max rel err':>12}"]
-    for e in errors:
-        lines.append(f"{e.name:<24} {str(e.shape):<16} {e.max_abs:>12.3e} {e.max_rel:>12.3e}")
+def format_table(rows: Sequence[Sequence[str]], left: int = 2) -> str:
+    """A fixed-width text table; ``rows[0]`` is the header, underlined.
+
+    The first ``left`` columns are left-aligned (names, shapes), the others right-aligned (numbers).
+    """
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = []
+    for n, row in enumerate(rows):
+        cells = [
+            cell.ljust(w) if i < left else cell.rjust(w)
+            for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        ]
+        lines.append("  ".join(cells).rstrip())
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def error_table(errors: Sequence[GradientError], label: Callable[[str], str] = str) -> str:
+    """:class:`GradientError` rows as a :func:`format_table`, each tensor named by ``label(name)``."""
+    rows = [["tensor", "shape", "max abs err", "max rel err"]]
+    rows += [[label(e.name), str(tuple(e.shape)), f"{e.max_abs:.3e}", f"{e.max_rel:.3e}"] for e in errors]
+    return format_table(rows)
 
 
 def assert_gradients_match(
@@ -148,10 +194,7 @@ def assert_gradients_match(
     """
     pairs = _gradient_pairs(model, reference, inputs, loss_fn)
     errors = [_errors(*pair) for pair in pairs]
-    dtype = next(model.parameters()).dtype
-    default_rtol, default_atol = _DEFAULT_TOLERANCES.get(dtype, _DEFAULT_TOLERANCES[torch.float32])
-    rtol = default_rtol if rtol is None else rtol
-    atol = default_atol if atol is None else atol
+    rtol, atol = tolerances(next(model.parameters()).dtype, rtol, atol)
     bad = [
         name
         for name, actual, expected in pairs
@@ -160,6 +203,6 @@ def assert_gradients_match(
     if bad:
         raise AssertionError(
             f"gradients differ beyond rtol={rtol}, atol={atol} (mismatched: {', '.join(bad)}):\n"
-            f"{format_table(errors)}"
+            f"{error_table(errors)}"
         )
     return errors

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -24,10 +24,18 @@ from torch import Tensor, nn
 
 from .activations import available_activations
 from .cli import positive_ints
+from .devices import select_device
 from .function import Tape, backward_phase, deltas
 from .functional import mlp
 from .module import BackpropMLP
-from .testing import assert_gradients_match, compare_gradients
+from .testing import (
+    assert_gradients_match,
+    compare_gradients,
+    error_table,
+    format_table,
+    seeded_loss,
+    tolerances,
+)
 
 __all__ = ["add_arguments", "delta_norms", "run"]
 
@@ -82,17 +90,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--atol", type=float, default=None, help="default: torch.testing's for the dtype")
     parser.add_argument("--no-gradcheck", action="store_true", help="skip torch.autograd.gradcheck")
     parser.add_argument("--show-deltas", action="store_true", help="print the norm of each δ^(l) per layer")
-
-
-def _random_projection(seed: int) -> Callable[[Tensor], Tensor]:
-    """Q(h^(L)) = Σ h^(L) ⊙ R with R fixed and random, so every entry of every gradient is exercised."""
-
-    def loss(output: Tensor) -> Tensor:
-        generator = torch.Generator().manual_seed(seed)
-        weights = torch.randn(output.shape, generator=generator, dtype=torch.float64)
-        return (output * weights.to(output.device, output.dtype)).sum()
-
-    return loss
 
 
 def delta_norms(
@@ -161,27 +158,13 @@ def _gradcheck(model: BackpropMLP, x: Tensor) -> tuple[bool, str]:
     return ok, f"gradcheck (float64, {how}, {count} inputs)"
 
 
-def _label(name: str, depth: int) -> str:
+def _label(name: str) -> str:
     if name == "output":
         return "h^(L) (output)"
     if name.startswith("input"):
         return "∂x"
     _, index, kind = name.split(".")
     return f"∂{'W' if kind == 'weight' else 'b'}^({index})"
-
-
-def _table(rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = []
-    for n, row in enumerate(rows):
-        cells = [
-            cell.ljust(w) if i < 2 else cell.rjust(w)
-            for i, (cell, w) in enumerate(zip(row, widths, strict=True))
-        ]
-        lines.append("  ".join(cells).rstrip())
-        if n == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -198,14 +181,11 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print(
-            "torch-backprop verify: --device cuda was asked for, but CUDA is not available", file=sys.stderr
-        )
+    try:
+        device = select_device(args.device)
+    except ValueError as error:
+        print(f"torch-backprop verify: {error}", file=sys.stderr)
         return 2
-    device = torch.device(
-        "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
-    )
     dtype = _DTYPES[args.dtype]
 
     torch.manual_seed(args.seed)
@@ -218,7 +198,7 @@ def run(args: argparse.Namespace) -> int:
         dtype=dtype,
     )
     x = torch.randn(args.batch_size, args.sizes[0], device=device, dtype=dtype, requires_grad=True)
-    loss_fn = _random_projection(args.seed)
+    loss_fn = seeded_loss(args.seed)
     print(
         f"verify: BackpropMLP {args.sizes}, activations {list(model.activations)}, "
         f"{'no bias' if args.no_bias else 'bias'}, {args.dtype} on {device}, batch {args.batch_size}; "
@@ -226,12 +206,7 @@ def run(args: argparse.Namespace) -> int:
     )
 
     errors = compare_gradients(model, model.to_sequential(), x, loss_fn=loss_fn)
-    rows = [["tensor", "shape", "max abs err", "max rel err"]]
-    rows += [
-        [_label(e.name, len(model.layers)), str(tuple(e.shape)), f"{e.max_abs:.3e}", f"{e.max_rel:.3e}"]
-        for e in errors
-    ]
-    print(_table(rows))
+    print(error_table(errors, label=_label))
     failures = []
     try:
         assert_gradients_match(
@@ -257,12 +232,8 @@ def run(args: argparse.Namespace) -> int:
                     f"{(m - n).abs().max().item():.3e}",
                 ]
             )
-        print(_table(rows))
-        rtol, atol = args.rtol, args.atol
-        if rtol is None or atol is None:
-            rtol, atol = (1e-7, 1e-7) if dtype == torch.float64 else (1.3e-6, 1e-5)
-            if dtype == torch.bfloat16:
-                rtol, atol = 1.6e-2, 1e-5
+        print(format_table(rows))
+        rtol, atol = tolerances(dtype, args.rtol, args.atol)
         if not all(torch.allclose(m, n, rtol=rtol, atol=atol) for m, n in zip(manual, native, strict=True)):
             print("deltas: MISMATCH between the manual recursion and autograd")
             failures.append("deltas")
