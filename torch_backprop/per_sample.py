@@ -1,36 +1,12 @@
-r"""Per-sample gradients, per-sample norms and DP-SGD clipping inside the one backward (slides 8-10).
+"""Per-sample gradients, norms, clipping and BackPACK's first-order quantities inside the one backward.
 
-The slides compute ∇Q_θ(x, y) for one sample: layer l's gradient is the outer product
-h^(l) ⊗ δ^(l+1) (BP3). The backward phase holds every h^(l) and δ^(l) of the batch at once, so each
-sample's gradient, its norm and its clipped contribution come from the same tensors the ordinary
-backward uses. Notation as in :mod:`torch_backprop.function`, plus
-    B: samples, T: rows per sample (all input dimensions but the sample's and the features'),
-    N = B T rows, b: sample, t: row within a sample, s = B for ``"mean"``, 1 for ``"sum"``.
-
-    PS1  g_b^(l) = s Σ_t δ_bt^(l+1) ⊗ h_bt^(l)                 per-sample ∂W^(l), (n_{l+1}, n_l)
-         g_b^(l), bias = s Σ_t δ_bt^(l+1)                     per-sample ∂b^(l), (n_{l+1},)
-    PS2  ‖g_b‖² = s² Σ_l (‖h_b^(l)‖² ‖δ_b^(l+1)‖² + ‖δ_b^(l+1)‖²)        for T = 1
-         ‖Σ_t δ_t ⊗ h_t‖² = Σ_{t,t'} (δ_t · δ_t')(h_t · h_t')        for T > 1 (Gram, "ghost" form)
-    PS3  c_b = min(1, C / ‖g_b‖)
-    PS4  ∂W^(l) = (c ⊙ δ^(l+1))ᵀ h^(l),   ∂b^(l) = Σ_N c ⊙ δ^(l+1)      (c repeated over t)
-
-PS4 is BP3-BP4 with every row of δ^(l+1) scaled by its sample's c_b, so it equals Σ_b c_b g_b for
-``"sum"`` and Σ_b c_b g_b / B for ``"mean"`` (the factor s of PS1 cancels the mean's 1/B).
-
-BackPACK's first-order quantities use BackPACK's scaling: the per-sample gradient as it enters the
-loss, γ_b = g_b / s (BackPACK's ``grad_batch``), so that Σ_b γ_b = ``.grad``:
-    BL   ``batch_l2``[b] = ‖γ_b‖²                       (B,) per parameter; PS2 without s²
-    SGS  ``sum_grad_squared`` = Σ_b γ_b ⊙ γ_b           = (δ ⊙ δ)ᵀ (h ⊙ h) for T = 1, no γ_b built
-    VAR  ``variance`` = SGS / B - (Σ_b γ_b / B)²        (BackPACK's ``Variance``)
-
-Cost, over a plain backward (BP1-BP5):
-    * norms and clipping, T = 1: all δ^(l) kept at once (the memory of one more activation stack),
-      plus O(N Σ_l (n_l + n_{l+1})) for the norms and the scaling: no (B, n_{l+1}, n_l) tensor is built.
-    * norms and clipping, T > 1: per layer, the cheaper of the Gram form, O(B T² (n_l + n_{l+1})) time
-      and O(B T²) memory, and materialising g_b^(l) one layer at a time, O(B T n_l n_{l+1}) time and
-      O(B n_l n_{l+1}) memory; the Gram form is used when T (n_l + n_{l+1}) ≤ n_l n_{l+1}.
-    * ``grad_sample`` / ``grad_batch``: the (B, *p.shape) tensors themselves; ``sum_grad_squared``
-      and ``variance``: one product per layer for T = 1, one layer's γ_b at a time for T > 1.
+:func:`per_sample` opens a block in which a :class:`~torch_backprop.BackpropMLP`'s backward phase
+is replaced by one that computes, from the same δ^(l) and h^(l), each sample's gradient, its norm
+and its clipped share (equations PS1-PS4, BL, SGS, VAR in :mod:`torch_backprop.sample_terms`;
+clipping styles CL1-CL4 in :mod:`torch_backprop.clipping`). The block owns the bookkeeping that
+keeps every result exact or refused: a guard on every trainable parameter checks that the gradient
+reaching it is exactly the one the recursion made, and results are published only at the end of
+a backward that succeeded.
 
 Conventions follow Opacus: ``p.grad_sample[b]`` is the gradient of sample b's own loss term ℓ_b,
 whatever the reduction, norms and the clipping threshold refer to those gradients, and
@@ -42,7 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from types import TracebackType
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -51,6 +27,7 @@ from . import dp
 from .clipping import AdaptiveClipping, ClippingRule, clipping_rule
 from .function import Tape, deltas, lowest_layer
 from .module import BackpropMLP
+from .sample_terms import Layout, SampleTerms, bias_terms, unclipped_gradient, weight_gradient, weight_terms
 
 __all__ = ["PerSample", "per_sample"]
 
@@ -65,87 +42,6 @@ def _trainable_layers(model: BackpropMLP) -> list[tuple[Tensor | None, Tensor | 
         tuple(p if p is not None and p.requires_grad else None for p in (layer.weight, layer.bias))
         for layer in model.layers
     ]
-
-
-class Layout(NamedTuple):
-    """Where the samples are among the N = prod(lead) rows of a forward call's input."""
-
-    lead: tuple[int, ...]  # input.shape[:-1]
-    batch_dim: int  # 0 (batch_first) or 1
-
-    @property
-    def batch(self) -> int:
-        return self.lead[self.batch_dim]
-
-    @property
-    def steps(self) -> int:
-        return math.prod(n for d, n in enumerate(self.lead) if d != self.batch_dim)
-
-    def by_sample(self, rows: Tensor) -> Tensor:
-        """(N, n) rows -> (B, T, n), sample b's T rows together."""
-        if self.batch_dim == 0:
-            return rows.reshape(self.batch, self.steps, rows.shape[1])
-        return rows.reshape(*self.lead, rows.shape[1]).movedim(1, 0).reshape(self.batch, self.steps, -1)
-
-    def each_row(self, values: Tensor) -> Tensor:
-        """(B,) per-sample values -> (N,): each row gets its sample's value."""
-        if self.steps == 1:
-            return values
-        shape = [1] * len(self.lead)
-        shape[self.batch_dim] = self.batch
-        return values.view(shape).expand(self.lead).reshape(-1)
-
-
-class _Layer(NamedTuple):
-    """One trainable parameter's per-sample terms in one backward, unscaled (γ_b, not g_b)."""
-
-    squared_norms: Tensor  # ‖γ_b‖², (B,), float32 at least
-    samples: Tensor | None  # γ_b, (B, *p.shape), where asked for
-    sum_squared: Tensor | None  # Σ_b γ_b ⊙ γ_b, p.shape, where asked for
-
-
-def _weight_terms(delta: Tensor, h: Tensor, layout: Layout, samples: bool, sum_squared: bool) -> _Layer:
-    """PS1-PS2 and SGS for ∂W^(l) from δ^(l+1) (N, n_{l+1}) and h^(l) (N, n_l), without s."""
-    dtype = torch.promote_types(delta.dtype, torch.float32)
-    if layout.steps == 1 and layout.batch_dim == 0:
-        delta_squared = torch.linalg.vector_norm(delta, dim=1, dtype=dtype).square()  # ‖δ_b‖², (B,)
-        h_squared = torch.linalg.vector_norm(h, dim=1, dtype=dtype).square()  # ‖h_b‖², (B,)
-        gamma = delta[:, :, None] * h[:, None, :] if samples else None  # δ_b ⊗ h_b, (B, n_{l+1}, n_l)
-        sgs = delta.square().t().mm(h.square()) if sum_squared else None  # SGS, (n_{l+1}, n_l)
-        return _Layer(delta_squared * h_squared, gamma, sgs)
-    delta_b, h_b = layout.by_sample(delta), layout.by_sample(h)  # (B, T, n_{l+1}), (B, T, n_l)
-    n_out, n_in = delta.shape[1], h.shape[1]
-    if samples or sum_squared or layout.steps * (n_in + n_out) > n_in * n_out:
-        gamma = torch.bmm(delta_b.transpose(1, 2), h_b)  # Σ_t δ_bt ⊗ h_bt, (B, n_{l+1}, n_l)
-        squared = gamma.to(dtype).square().sum((1, 2))
-        sgs = gamma.square().sum(0) if sum_squared else None
-        return _Layer(squared, gamma if samples else None, sgs)
-    delta_b, h_b = delta_b.to(dtype), h_b.to(dtype)
-    gram = torch.bmm(delta_b, delta_b.transpose(1, 2)) * torch.bmm(h_b, h_b.transpose(1, 2))  # (B, T, T)
-    return _Layer(gram.sum((1, 2)), None, None)  # PS2, ghost form
-
-
-def _bias_terms(delta: Tensor, layout: Layout, samples: bool, sum_squared: bool) -> _Layer:
-    """PS1-PS2 and SGS for ∂b^(l) from δ^(l+1) (N, n_{l+1}), without s."""
-    dtype = torch.promote_types(delta.dtype, torch.float32)
-    gamma = delta if layout.steps == 1 and layout.batch_dim == 0 else layout.by_sample(delta).sum(1)  # (B, n)
-    squared = torch.linalg.vector_norm(gamma, dim=1, dtype=dtype).square()
-    sgs = gamma.square().sum(0) if sum_squared else None
-    return _Layer(squared, gamma if samples else None, sgs)
-
-
-def _weight_gradient(delta: Tensor, h: Tensor, rows: Tensor | None) -> Tensor:
-    """BP3, δ^(l+1)ᵀ h^(l); with per-row clipping factors ``rows`` (N, 1), PS4: (c ⊙ δ)ᵀ h = δᵀ (c ⊙ h)."""
-    if rows is None:
-        return delta.t().mm(h)  # BP3
-    if delta.shape[1] <= h.shape[1]:  # scale whichever of the two is narrower
-        return (delta * rows).t().mm(h)  # PS4
-    return delta.t().mm(h * rows)  # PS4
-
-
-def _unclipped(delta: Tensor, h: Tensor, kind: str) -> Tensor:
-    """This backward's unclipped gradient Σ_b γ_b of a weight (BP3) or a bias (BP4)."""
-    return delta.t().mm(h) if kind == "weight" else delta.sum(0)
 
 
 class _Bound:
@@ -177,12 +73,93 @@ class _Pending:
 
 
 class PerSample:
-    """The context returned by :func:`per_sample`; see there.
+    """Per-sample gradients, norms, clipping and BackPACK's first-order quantities in one backward.
+
+    Inside the ``with`` block the model's backward phase is replaced (``model.backward_phase``; the
+    previous one is restored on exit, also on an exception) by one that computes, from the same δ^(l)
+    and h^(l), at the end of each backward that succeeds:
+
+    * ``p.grad_sample`` of shape ``[B, *p.shape]`` for every trainable parameter (by default when
+      not clipping), where ``p.grad_sample[b]`` is the gradient of sample b's own loss term
+      (Opacus's convention: for ``"mean"`` it is B times sample b's share of ``p.grad``);
+      ``p.grad`` is the ordinary gradient.
+    * with ``max_grad_norm=C``: ``p.grad`` = Σ_b c_b g_b (divided by B for ``"mean"``) with
+      c_b = min(1, C / ‖g_b‖) and g_b sample b's gradient over all trainable parameters; no
+      ``[B, *p.shape]`` tensor is built (unless ``grad_sample=True``). :func:`~torch_backprop.dp_sgd_step`
+      then adds the noise.
+    * BackPACK's first-order quantities, by BackPACK's names and scaling (per-sample gradients as
+      they enter the loss, γ_b = g_b / B for ``"mean"``): ``grad_batch`` (BatchGrad),
+      ``batch_l2`` (BatchL2Grad), ``sum_grad_squared`` (SumGradSquared), ``variance`` (Variance); the
+      last three without building ``[B, *p.shape]`` for 2-D input. They describe the latest backward.
+
+    ``ps.norms`` holds the unclipped norms ‖g_b‖. Frozen parameters (``requires_grad=False``) get
+    nothing and do not count in the norms. An input gradient, if asked for, is the ordinary one.
+
+    The loss must be a sum (``"sum"``) or a mean (``"mean"``) over the batch of per-sample terms,
+    L = Σ_b ℓ_b or (1/B) Σ_b ℓ_b, with ℓ_b depending on sample b alone (cross-entropy or MSE with
+    reduction ``"sum"``/``"mean"``). A loss that mixes samples (batch statistics, a contrastive loss)
+    makes the results meaningless, and so does a ``loss_reduction`` that is not the loss's; neither
+    can be detected from inside the backward. With T rows per sample (input (B, T, n_0)),
+    ``"mean"`` means ℓ_b is the mean over its rows, as ``F.cross_entropy(out.flatten(0, 1),
+    y.flatten())`` gives (Opacus's convention).
+
+    Each backward in a block is a new set of samples (Opacus's convention for gradient accumulation
+    and virtual batches): ``grad_sample`` and ``norms`` are concatenated along the sample
+    dimension, each backward's samples are clipped on their own, and ``.grad`` adds up. Everything
+    that cannot give exact per-sample results raises instead, before the model's gradients are
+    written: a double backward (``create_graph=True``), a forward run before the block, the model
+    called twice before one backward, a parameter that also gets gradient from elsewhere, a second
+    backward through one forward, layers that carry hooks, torch.func or torch.compile.
+
+    Args:
+        model: the :class:`BackpropMLP`.
+        loss_reduction: ``"mean"`` or ``"sum"``: how the loss reduces its per-sample terms.
+        max_grad_norm: the clipping threshold C > 0, a list of thresholds (one per group of the
+            clipping style), an :class:`~torch_backprop.AdaptiveClipping`, or ``None`` (default)
+            for no clipping.
+        clipping: the clipping style, as :mod:`torch_backprop.clipping` lists them: ``"flat"``
+            (default), ``"per_layer"``, ``"adaptive"`` (Opacus), ``"layer-wise"``, ``"param-wise"``,
+            ``"group-wise"`` (fastDP).
+        clipping_fn: ``"Abadi"`` (default), c = min(1, C/‖g‖), or ``"automatic"``,
+            c = C/(‖g‖ + γ) (fastDP).
+        numerical_stability_constant: γ of ``"automatic"``; default 0.01 (fastDP's).
+        groups: with ``"group-wise"``: the index of the first layer of each group, starting at 0.
+        batch_first: ``True`` (default) if the input is ``(B, *, n_0)``, ``False`` for
+            ``(T, B, *, n_0)`` (Opacus's ``batch_first``).
+        grad_sample: write ``p.grad_sample``; default: when not clipping.
+        grad_batch: write BackPACK's ``grad_batch`` (BatchGrad), γ_b.
+        batch_l2: write BackPACK's ``batch_l2`` (BatchL2Grad), ‖γ_b‖² per parameter.
+        sum_grad_squared: write BackPACK's ``sum_grad_squared`` (SumGradSquared), Σ_b γ_b ⊙ γ_b.
+        variance: write BackPACK's ``variance`` (Variance).
+
+    Use it in a ``with`` statement (``per_sample`` is this class).
+
+    Shape:
+        - Input: :math:`(B, *, H_{in})`, or :math:`(T, B, *, H_{in})` with ``batch_first=False``.
+        - ``norms``, ``p.batch_l2``: :math:`(B,)`; ``p.grad_sample``, ``p.grad_batch``:
+          :math:`(B, *p.shape)`; ``p.sum_grad_squared``, ``p.variance``: ``p.shape``.
+
+    Raises:
+        TypeError: ``model`` is not a :class:`BackpropMLP`; ``max_grad_norm`` not a number; a flag
+            not a bool.
+        ValueError: ``loss_reduction`` not ``"mean"``/``"sum"``; ``max_grad_norm`` ≤ 0; (on
+            forward) an input without a sample dimension.
+        RuntimeError: blocks nested on one model; backward after the block closed; and each of the
+            combinations above that cannot be exact.
+
+    Example:
+        >>> model = BackpropMLP([784, 256, 10])
+        >>> x, y = torch.randn(64, 784), torch.randint(10, (64,))
+        >>> with per_sample(model, loss_reduction="mean") as ps:
+        ...     torch.nn.functional.cross_entropy(model(x), y).backward()
+        >>> model.layers[0].weight.grad_sample.shape, ps.norms.shape
+        (torch.Size([64, 256, 784]), torch.Size([64]))
 
     Attributes:
         model (BackpropMLP): the model whose backward is replaced inside the block.
         loss_reduction (str): ``"mean"`` or ``"sum"``.
-        max_grad_norm (float | None): the clipping threshold C, or ``None`` for no clipping.
+        max_grad_norm: the clipping threshold(s) as given, or ``None`` for no clipping.
+        rule (ClippingRule | None): the clipping style resolved for the model on entry.
         batch_first (bool): whether the sample dimension is the first of the input (else the second).
         norms (Tensor | None): unclipped per-sample gradient norms ‖g_b‖ over all trainable
             parameters, of every sample of every backward in the block, in order (``None`` before one).
@@ -360,14 +337,14 @@ class PerSample:
         samples = self.grad_sample or "grad_batch" in backpack
         layers = self.model.layers
         params = {}  # (k, "weight" | "bias") -> parameter, for the trainable ones
-        terms: dict[Tensor, _Layer] = {}
+        terms: dict[Tensor, SampleTerms] = {}
         for k in delta:
             if needs_weight[k]:
                 params[k, "weight"] = layers[k].weight
-                terms[layers[k].weight] = _weight_terms(delta[k], h[k], layout, samples, sum_squared)
+                terms[layers[k].weight] = weight_terms(delta[k], h[k], layout, samples, sum_squared)
             if needs_bias[k]:
                 params[k, "bias"] = layers[k].bias
-                terms[layers[k].bias] = _bias_terms(delta[k], layout, samples, sum_squared)
+                terms[layers[k].bias] = bias_terms(delta[k], layout, samples, sum_squared)
         norm_dtype = torch.promote_types(tape.dtype, torch.float32)
         squared_norms = torch.zeros(layout.batch, dtype=norm_dtype, device=tape.grad_output.device)
         for layer in terms.values():
@@ -395,7 +372,7 @@ class PerSample:
         for (k, kind), param in params.items():
             factor_rows = rows.get(param)
             if kind == "weight":
-                grad = _weight_gradient(delta[k], h[k], factor_rows)  # BP3, or PS4 when clipping
+                grad = weight_gradient(delta[k], h[k], factor_rows)  # BP3, or PS4 when clipping
                 grad_weights[k] = grad = grad.to(param.dtype)
             else:
                 grad = (
@@ -414,7 +391,7 @@ class PerSample:
             if "sum_grad_squared" in backpack:
                 quantities["sum_grad_squared"] = layer.sum_squared  # SGS
             if "variance" in backpack:
-                total = grad if factor_rows is None else _unclipped(delta[k], h[k], kind)  # Σ_b γ_b
+                total = grad if factor_rows is None else unclipped_gradient(delta[k], h[k], kind)  # Σ_b γ_b
                 quantities["variance"] = (
                     layer.sum_squared / layout.batch - (total / layout.batch).square()
                 )  # VAR
@@ -496,117 +473,4 @@ class PerSample:
                 )
 
 
-def per_sample(
-    model: BackpropMLP,
-    loss_reduction: str = "mean",
-    max_grad_norm: float | Sequence[float] | AdaptiveClipping | None = None,
-    *,
-    clipping: str = "flat",
-    clipping_fn: str = "Abadi",
-    numerical_stability_constant: float | None = None,
-    groups: Sequence[int] | None = None,
-    batch_first: bool = True,
-    grad_sample: bool | None = None,
-    grad_batch: bool = False,
-    batch_l2: bool = False,
-    sum_grad_squared: bool = False,
-    variance: bool = False,
-) -> PerSample:
-    """Per-sample gradients, norms, clipping and BackPACK's first-order quantities in one backward.
-
-    Inside the ``with`` block the model's backward phase is replaced (``model.backward_phase``; the
-    previous one is restored on exit, also on an exception) by one that computes, from the same δ^(l)
-    and h^(l), at the end of each backward that succeeds:
-
-    * ``p.grad_sample`` of shape ``[B, *p.shape]`` for every trainable parameter (by default when
-      not clipping), where ``p.grad_sample[b]`` is the gradient of sample b's own loss term
-      (Opacus's convention: for ``"mean"`` it is B times sample b's share of ``p.grad``);
-      ``p.grad`` is the ordinary gradient.
-    * with ``max_grad_norm=C``: ``p.grad`` = Σ_b c_b g_b (divided by B for ``"mean"``) with
-      c_b = min(1, C / ‖g_b‖) and g_b sample b's gradient over all trainable parameters; no
-      ``[B, *p.shape]`` tensor is built (unless ``grad_sample=True``). :func:`~torch_backprop.dp_sgd_step`
-      then adds the noise.
-    * BackPACK's first-order quantities, by BackPACK's names and scaling (per-sample gradients as
-      they enter the loss, γ_b = g_b / B for ``"mean"``): ``grad_batch`` (BatchGrad),
-      ``batch_l2`` (BatchL2Grad), ``sum_grad_squared`` (SumGradSquared), ``variance`` (Variance); the
-      last three without building ``[B, *p.shape]`` for 2-D input. They describe the latest backward.
-
-    ``ps.norms`` holds the unclipped norms ‖g_b‖. Frozen parameters (``requires_grad=False``) get
-    nothing and do not count in the norms. An input gradient, if asked for, is the ordinary one.
-
-    The loss must be a sum (``"sum"``) or a mean (``"mean"``) over the batch of per-sample terms,
-    L = Σ_b ℓ_b or (1/B) Σ_b ℓ_b, with ℓ_b depending on sample b alone (cross-entropy or MSE with
-    reduction ``"sum"``/``"mean"``). A loss that mixes samples (batch statistics, a contrastive loss)
-    makes the results meaningless, and so does a ``loss_reduction`` that is not the loss's; neither
-    can be detected from inside the backward. With T rows per sample (input (B, T, n_0)),
-    ``"mean"`` means ℓ_b is the mean over its rows, as ``F.cross_entropy(out.flatten(0, 1),
-    y.flatten())`` gives (Opacus's convention).
-
-    Each backward in a block is a new set of samples (Opacus's convention for gradient accumulation
-    and virtual batches): ``grad_sample`` and ``norms`` are concatenated along the sample
-    dimension, each backward's samples are clipped on their own, and ``.grad`` adds up. Everything
-    that cannot give exact per-sample results raises instead, before the model's gradients are
-    written: a double backward (``create_graph=True``), a forward run before the block, the model
-    called twice before one backward, a parameter that also gets gradient from elsewhere, a second
-    backward through one forward, layers that carry hooks, torch.func or torch.compile.
-
-    Args:
-        model: the :class:`BackpropMLP`.
-        loss_reduction: ``"mean"`` or ``"sum"``: how the loss reduces its per-sample terms.
-        max_grad_norm: the clipping threshold C > 0, a list of thresholds (one per group of the
-            clipping style), an :class:`~torch_backprop.AdaptiveClipping`, or ``None`` (default)
-            for no clipping.
-        clipping: the clipping style, as :mod:`torch_backprop.clipping` lists them: ``"flat"``
-            (default), ``"per_layer"``, ``"adaptive"`` (Opacus), ``"layer-wise"``, ``"param-wise"``,
-            ``"group-wise"`` (fastDP).
-        clipping_fn: ``"Abadi"`` (default), c = min(1, C/‖g‖), or ``"automatic"``,
-            c = C/(‖g‖ + γ) (fastDP).
-        numerical_stability_constant: γ of ``"automatic"``; default 0.01 (fastDP's).
-        groups: with ``"group-wise"``: the index of the first layer of each group, starting at 0.
-        batch_first: ``True`` (default) if the input is ``(B, *, n_0)``, ``False`` for
-            ``(T, B, *, n_0)`` (Opacus's ``batch_first``).
-        grad_sample: write ``p.grad_sample``; default: when not clipping.
-        grad_batch: write BackPACK's ``grad_batch`` (BatchGrad), γ_b.
-        batch_l2: write BackPACK's ``batch_l2`` (BatchL2Grad), ‖γ_b‖² per parameter.
-        sum_grad_squared: write BackPACK's ``sum_grad_squared`` (SumGradSquared), Σ_b γ_b ⊙ γ_b.
-        variance: write BackPACK's ``variance`` (Variance).
-
-    Returns:
-        The :class:`PerSample` context; use it in a ``with`` statement.
-
-    Shape:
-        - Input: :math:`(B, *, H_{in})`, or :math:`(T, B, *, H_{in})` with ``batch_first=False``.
-        - ``norms``, ``p.batch_l2``: :math:`(B,)`; ``p.grad_sample``, ``p.grad_batch``:
-          :math:`(B, *p.shape)`; ``p.sum_grad_squared``, ``p.variance``: ``p.shape``.
-
-    Raises:
-        TypeError: ``model`` is not a :class:`BackpropMLP`; ``max_grad_norm`` not a number; a flag
-            not a bool.
-        ValueError: ``loss_reduction`` not ``"mean"``/``"sum"``; ``max_grad_norm`` ≤ 0; (on
-            forward) an input without a sample dimension.
-        RuntimeError: blocks nested on one model; backward after the block closed; and each of the
-            combinations above that cannot be exact.
-
-    Example:
-        >>> model = BackpropMLP([784, 256, 10])
-        >>> x, y = torch.randn(64, 784), torch.randint(10, (64,))
-        >>> with per_sample(model, loss_reduction="mean") as ps:
-        ...     torch.nn.functional.cross_entropy(model(x), y).backward()
-        >>> model.layers[0].weight.grad_sample.shape, ps.norms.shape
-        (torch.Size([64, 256, 784]), torch.Size([64]))
-    """
-    return PerSample(
-        model,
-        loss_reduction=loss_reduction,
-        max_grad_norm=max_grad_norm,
-        clipping=clipping,
-        clipping_fn=clipping_fn,
-        numerical_stability_constant=numerical_stability_constant,
-        groups=groups,
-        batch_first=batch_first,
-        grad_sample=grad_sample,
-        grad_batch=grad_batch,
-        batch_l2=batch_l2,
-        sum_grad_squared=sum_grad_squared,
-        variance=variance,
-    )
+per_sample = PerSample  # the name users call, in the manner of torch.no_grad
