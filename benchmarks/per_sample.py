@@ -28,10 +28,12 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +41,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from torch.utils.benchmark import Timer
 
-from torch_backprop import BackpropMLP, per_sample
+from torch_backprop import AdaptiveClipping, BackpropMLP, dp_sgd_step, per_sample
 from torch_backprop.files import write_json
 from torch_backprop.timing import machine_info
 
@@ -72,26 +74,35 @@ def plain_step(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Step, list[Tenso
     return step, list(model.parameters())
 
 
-def per_sample_step(model: BackpropMLP, x: Tensor, y: Tensor, clip: float) -> tuple[Step, list[Tensor]]:
+def per_sample_step(
+    model: BackpropMLP, x: Tensor, y: Tensor, clip: Any, sigma: float | None = None, **style: Any
+) -> tuple[Step, list[Tensor]]:
+    """Clipping inside the backward; with ``sigma``, the whole DP-SGD step (``dp_sgd_step``)."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    generator = torch.Generator().manual_seed(0)
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        with per_sample(model, loss_reduction="mean", max_grad_norm=clip):
+        with per_sample(model, loss_reduction="mean", max_grad_norm=clip, **style):
             F.cross_entropy(model(x), y).backward()
-        optimizer.step()
+        if sigma is None:
+            optimizer.step()
+        else:
+            dp_sgd_step(model, optimizer, sigma, clip, x.shape[0], generator)
 
     return step, list(model.parameters())
 
 
-def opacus_hooks_step(model: BackpropMLP, x: Tensor, y: Tensor, clip: float) -> tuple[Step, list[Tensor]]:
+def opacus_hooks_step(
+    model: BackpropMLP, x: Tensor, y: Tensor, clip: float, sigma: float = 0.0
+) -> tuple[Step, list[Tensor]]:
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer
 
     module = GradSampleModule(model.to_sequential(), loss_reduction="mean")
     optimizer = DPOptimizer(
         torch.optim.SGD(module.parameters(), lr=0.0),
-        noise_multiplier=0.0,
+        noise_multiplier=sigma,
         max_grad_norm=clip,
         expected_batch_size=x.shape[0],
         loss_reduction="mean",
@@ -105,7 +116,9 @@ def opacus_hooks_step(model: BackpropMLP, x: Tensor, y: Tensor, clip: float) -> 
     return step, list(module.parameters())
 
 
-def opacus_ghost_step(model: BackpropMLP, x: Tensor, y: Tensor, clip: float) -> tuple[Step, list[Tensor]]:
+def opacus_ghost_step(
+    model: BackpropMLP, x: Tensor, y: Tensor, clip: float, sigma: float = 0.0
+) -> tuple[Step, list[Tensor]]:
     from opacus.grad_sample import GradSampleModuleFastGradientClipping
     from opacus.optimizers import DPOptimizerFastGradientClipping
     from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
@@ -115,7 +128,7 @@ def opacus_ghost_step(model: BackpropMLP, x: Tensor, y: Tensor, clip: float) -> 
     )
     optimizer = DPOptimizerFastGradientClipping(
         torch.optim.SGD(module.parameters(), lr=0.0),
-        noise_multiplier=0.0,
+        noise_multiplier=sigma,
         max_grad_norm=clip,
         expected_batch_size=x.shape[0],
         loss_reduction="mean",
@@ -152,6 +165,73 @@ def vmap_step(model: BackpropMLP, x: Tensor, y: Tensor, clip: float) -> tuple[St
     return step, list(twin.parameters())
 
 
+def fastdp_step(
+    model: BackpropMLP, x: Tensor, y: Tensor, clip: float, sigma: float, clipping_fn: str = "Abadi"
+) -> tuple[Step, list[Tensor]]:
+    """The book-keeping of fastDP (``clipping_mode="MixOpt"``) on the twin; fastDP from PYTHONPATH."""
+    from fastDP import PrivacyEngine  # not on the package index: a checkout on PYTHONPATH
+
+    twin = model.to_sequential()
+    optimizer = torch.optim.SGD(twin.parameters(), lr=0.0)
+    engine = PrivacyEngine(
+        twin, batch_size=x.shape[0], sample_size=50 * x.shape[0], epochs=1, noise_multiplier=sigma,
+        max_grad_norm=clip, clipping_fn=clipping_fn, clipping_mode="MixOpt", loss_reduction="mean",
+    )  # fmt: skip
+    engine.attach(optimizer)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(twin(x), y).backward()
+        optimizer.step()
+
+    return step, list(twin.parameters())
+
+
+def dp_methods(model: BackpropMLP, x: Tensor, y: Tensor, clip: float, sigma: float) -> list:
+    """The whole DP-SGD step (clip, noise σ, SGD) for every clipping style and peer."""
+    depth = len(model.layers)
+    thresholds = [clip / math.sqrt(2 * depth)] * (2 * depth)
+    adaptive = AdaptiveClipping(clip, unclipped_num_std=sigma or 1.0)  # σ < 2 σ_u, Opacus's rule
+
+    def ours(max_grad_norm: Any, **style: Any) -> Callable[[], tuple[Step, list[Tensor]]]:
+        return lambda: per_sample_step(model, x, y, max_grad_norm, sigma, **style)
+
+    return [
+        ("plain BackpropMLP", lambda: plain_step(model, x, y), False),
+        ("DP flat", ours(clip), True),
+        ("DP per_layer", ours(thresholds, clipping="per_layer"), False),
+        ("DP layer-wise", ours(clip, clipping="layer-wise"), False),
+        ("DP param-wise", ours(clip, clipping="param-wise"), False),
+        ("DP group-wise", ours(clip, clipping="group-wise", groups=[0, depth - 1]), False),
+        ("DP automatic", ours(clip, clipping_fn="automatic"), False),
+        ("DP adaptive", ours(adaptive, clipping="adaptive"), False),
+        ("Opacus hooks DP", lambda: opacus_hooks_step(model, x, y, clip, sigma), True),
+        ("Opacus ghost DP", lambda: opacus_ghost_step(model, x, y, clip, sigma), True),
+        ("fastDP MixOpt DP", lambda: fastdp_step(model, x, y, clip, sigma), True),
+    ]
+
+
+def noise_draws(model: BackpropMLP, threads: int, rounds: int) -> list[dict]:
+    """The Gaussian draw for every parameter, by the ways PyTorch offers (same distribution and dtype)."""
+    params = list(model.parameters())
+    sizes = [p.numel() for p in params]
+    generator = torch.Generator().manual_seed(0)
+    ways: dict[str, Step] = {
+        "randn per parameter (dp_sgd_step)": lambda: [
+            torch.randn(p.shape, generator=generator) for p in params
+        ],
+        "randn per parameter, global generator": lambda: [torch.randn(p.shape) for p in params],
+        "one flat randn": lambda: torch.randn(sum(sizes), generator=generator).split(sizes),
+        "normal_ into a preallocated buffer": lambda: torch.empty(sum(sizes)).normal_(generator=generator),
+    }
+    rows = []
+    for name, draw in ways.items():
+        timer = Timer(stmt="draw()", globals={"draw": draw}, num_threads=threads, label=name)
+        times = [timer.blocked_autorange(min_run_time=0.2).median for _ in range(rounds)]
+        rows.append({"draw": name, "median_s": statistics.median(times), "variates": sum(sizes)})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[784, 512, 512, 10])
@@ -162,6 +242,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--skip-slow", action="store_true", help="skip the materialising methods")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    parser.add_argument(
+        "--whole-step", action="store_true", help="the whole DP-SGD step (noise σ) for every clipping style"
+    )
+    parser.add_argument("--noise-multiplier", type=float, default=1.0, help="σ of --whole-step")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message="Full backward hook is firing")  # Opacus, harmless
@@ -184,7 +268,10 @@ def main(argv: list[str] | None = None) -> dict:
         ("Opacus ghost clipping", lambda: opacus_ghost_step(model, x, y, clip), True),
         ("torch.func vmap(grad) + clipping", lambda: vmap_step(model, x, y, clip), True),
     ]
-    slow = {"Opacus hooks + clipping", "torch.func vmap(grad) + clipping"}
+    if args.whole_step:  # checked without noise first: the same clipped gradient as the float64 loop
+        methods = dp_methods(model, x, y, clip, args.noise_multiplier)
+        checks = {name: build for name, build, checked in dp_methods(model, x, y, clip, 0.0) if checked}
+    slow = {"Opacus hooks + clipping", "torch.func vmap(grad) + clipping", "Opacus hooks DP"}
     rows, steps = [], []
     for name, build, clipped in methods:
         if args.skip_slow and name in slow:
@@ -194,9 +281,15 @@ def main(argv: list[str] | None = None) -> dict:
         except ImportError as error:
             rows.append({"method": name, "skipped": f"not importable: {error}"})
             continue
-        step()
         error_max = None
-        if clipped:
+        if clipped and args.whole_step:  # the update of σ = 0 is the clipped mean gradient (lr 0: grads stay)
+            check, check_params = checks[name]()
+            check()
+            error_max = max(
+                (p.grad.double() - r).abs().max().item() for p, r in zip(check_params, reference, strict=True)
+            )
+        step()
+        if clipped and not args.whole_step:
             error_max = max(
                 (p.grad.double() - r).abs().max().item() for p, r in zip(params, reference, strict=True)
             )
@@ -214,15 +307,16 @@ def main(argv: list[str] | None = None) -> dict:
             row["times_s"].append(timer.timeit(number).median)
             row["cpu_s"].append((time.process_time() - cpu_start) / number)
     base_times, base_cpu = steps[0][0]["times_s"], steps[0][0]["cpu_s"]
-    ours = next(row for row, _, _ in steps if row["method"] == "per_sample clipped")
+    ours_name = "DP flat" if args.whole_step else "per_sample clipped"
+    ours = next(row for row, _, _ in steps if row["method"] == ours_name)
     ours_times, ours_cpu = ours["times_s"], ours["cpu_s"]
     print(
         f"sizes {args.sizes}, batch {args.batch_size}, CPU float32, {args.threads} threads, "
         f"C = {clip:.4g} (median per-sample norm), torch {torch.__version__}, {args.rounds} rounds\n"
     )
     print(
-        "| method | median step (ms) | vs plain BackpropMLP | per_sample clipped is faster by "
-        "| CPU time vs plain | CPU time vs per_sample clipped |"
+        f"| method | median step (ms) | vs plain BackpropMLP | {ours_name} is faster by "
+        f"| CPU time vs plain | CPU time vs {ours_name} |"
     )
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for row in rows:
@@ -240,7 +334,13 @@ def main(argv: list[str] | None = None) -> dict:
             f"| {row['method']} | {1e3 * row['median_s']:.2f} | {row['vs_plain']:.2f}x | "
             f"{row['vs_per_sample']:.1f}x | {row['cpu_vs_plain']:.2f}x | {row['cpu_vs_per_sample']:.1f}x |"
         )
+    draws = noise_draws(model, args.threads, args.rounds) if args.whole_step else []
+    for row in draws:
+        print(f"noise: {row['draw']}: {1e3 * row['median_s']:.2f} ms for {row['variates']} variates")
     result = {
+        "whole_step": args.whole_step,
+        "noise_multiplier": args.noise_multiplier if args.whole_step else None,
+        "noise_draws": draws,
         "sizes": args.sizes,
         "batch_size": args.batch_size,
         "max_grad_norm": clip,
