@@ -131,12 +131,8 @@ class FuncReference:
         frozen = {n: p for n, p in self.params.items() if n not in trainable}
         jac = jacrev(lambda p: outputs({**p, **frozen}))(trainable)  # (N, C, *p.shape)
         self.jacobians = [jac[n].flatten(2) for n in self.names]  # (N, C, P_p)
-        self.hessians = torch.stack(
-            [
-                self.s * hessian(_row_loss, argnums=1)(loss_function, h, t)
-                for h, t in zip(out, self.y_rows, strict=True)
-            ]
-        )  # ∂²Q/∂h_n², (N, C, C)
+        row_hessian = torch.func.vmap(hessian(_row_loss, argnums=1), in_dims=(None, 0, 0))
+        self.hessians = self.s * row_hessian(loss_function, out, self.y_rows)  # ∂²Q/∂h_n², (N, C, C)
 
     def _per_sample(self, per_row: torch.Tensor, shape) -> torch.Tensor:
         return per_row.reshape(self.batch, -1, *per_row.shape[1:]).sum(1).reshape(self.batch, *shape)
@@ -153,18 +149,9 @@ class FuncReference:
     def sampled_ggn_diagonal(self, sampled: torch.Tensor, per_sample: bool = False) -> list[torch.Tensor]:
         """Σ_n Σ_m (J_nᵀ g_nm)² with g_nm = √(s/M) ∂ℓ(h_n, ŷ_nm)/∂h_n for the given draws ŷ."""
         mc = sampled.shape[0]
-        grad_row = torch.func.grad(_row_loss, argnums=1)
-        g = (
-            torch.stack(
-                [
-                    torch.stack(
-                        [grad_row(self.loss_function, h, t) for h, t in zip(self.out, draw, strict=True)]
-                    )
-                    for draw in sampled
-                ]
-            )
-            * (self.s / mc) ** 0.5
-        )  # (M, N, C)
+        grad_row = torch.func.vmap(torch.func.grad(_row_loss, argnums=1), in_dims=(None, 0, 0))
+        g = torch.stack([grad_row(self.loss_function, self.out, draw) for draw in sampled])
+        g = g * (self.s / mc) ** 0.5  # (M, N, C)
         result = []
         for name, J in zip(self.names, self.jacobians, strict=True):
             per_row = torch.einsum("ncp,mnc->mnp", J, g).square().sum(0)
@@ -184,11 +171,9 @@ class FuncReference:
 
                 def loss_of(p, rows=rows, name=name):
                     out = functional_call(self.twin, {**self.params, name: p}, (self.x_rows[rows],))
-                    terms = [
-                        _row_loss(self.loss_function, h, t)
-                        for h, t in zip(out, self.y_rows[rows], strict=True)
-                    ]
-                    return self.s * torch.stack(terms).sum()
+                    if isinstance(self.loss_function, nn.CrossEntropyLoss):
+                        return self.s * F.cross_entropy(out, self.y_rows[rows], reduction="sum")
+                    return self.s * F.mse_loss(out, self.y_rows[rows], reduction="sum")
 
                 p = self.params[name]
                 H = hessian(loss_of)(p).reshape(p.numel(), p.numel())

@@ -87,7 +87,7 @@ def factors(tape: Tape, S: Tensor, lowest: int) -> Iterator[tuple[int, Tensor]]:
     ``S`` (K, N, n_L) is the loss's factor; it is overwritten, as each S^(l+1) is by the next.
     """
     depth = len(tape.activations)
-    S = tape.activations[-1].backprop(S, tape.sigma_prime_from[-1], overwrite=True)  # CV1, (K, N, n_L)
+    S = _times_sigma_prime(tape, depth - 1, S, fresh=True)  # CV1, (K, N, n_L)
     for k in reversed(range(lowest, depth)):
         yield k, S  # S^(k+1), (K, N, n_{k+1})
         if k == lowest:
@@ -100,7 +100,19 @@ def _carry(tape: Tape, k: int, back: Tensor) -> Tensor:
     fresh = back.is_contiguous()  # an expanded view is not ours to write into
     if tape.masks[k - 1] is not None:
         back, fresh = back * tape.masks[k - 1], True
-    return tape.activations[k - 1].backprop(back, tape.sigma_prime_from[k - 1], overwrite=fresh)
+    return _times_sigma_prime(tape, k - 1, back, fresh)
+
+
+def _times_sigma_prime(tape: Tape, layer: int, F: Tensor, fresh: bool) -> Tensor:
+    """σ'_{layer+1} ⊙ F for K columns F (K, N, n), by the activation's own (fused) kernel.
+
+    The saved h or z (N, n) is expanded to F's shape as a view: some fused kernels (oneDNN's GELU
+    backward in float32) do not broadcast.
+    """
+    saved = tape.sigma_prime_from[layer]
+    if saved is not None:
+        saved = saved.expand_as(F)
+    return tape.activations[layer].backprop(F, saved, overwrite=fresh)
 
 
 def _diagonal(d: Tensor, h: Tensor, batch: int, weight: bool, bias: bool, per_sample: bool) -> dict:
@@ -161,7 +173,7 @@ def hessian_diagonal(
     wanted = {k: (w, b) for k, w, b in trainable}
     lowest, depth = trainable[0][0], len(tape.activations)
     delta = dict(deltas(tape, lowest))  # δ^(k+1), for g^(k)
-    blocks = [(tape.activations[-1].backprop(S, tape.sigma_prime_from[-1], overwrite=True), None)]  # HD1
+    blocks = [(_times_sigma_prime(tape, depth - 1, S, fresh=True), None)]  # HD1
     residual = _sigma_second(tape, depth - 1, tape.grad_output)  # r^(L) = σ''_L ⊙ g^(L), or None
     for k in reversed(range(lowest, depth)):
         d = residual.clone() if residual is not None else 0  # the identity columns of r^(k+1) at z^(k+1)
