@@ -253,33 +253,37 @@ def laplace_timings(args: argparse.Namespace) -> dict:
     return results
 
 
+def _cell(value: float | None, scale: float = 1.0, digits: int = 2) -> str:
+    return "n/a" if value is None else f"{scale * value:.{digits}f}"
+
+
 def print_table(report: dict) -> None:
-    print(
-        "| case | loss | quantity | ours (ms) | BackPACK (ms) | ours / BackPACK | plain step (ms) | extra peak MiB ours / BackPACK |"
-    )
+    header = ["case", "loss", "quantity", "ours (ms)", "BackPACK (ms)", "ours / BackPACK", "plain step (ms)"]
+    header.append("extra peak MiB, ours / BackPACK")
+    print("| " + " | ".join(header) + " |")
     print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for row in report["cases"]:
+        memory = row.get("extra_peak_mib", {})
         for quantity in QUANTITIES:
+            cells = [row["case"], row["loss"], quantity]
             if quantity in row["skipped"]:
                 print(
-                    f"| {row['case']} | {row['loss']} | {quantity} | skipped: {row['skipped'][quantity]} | | | | |"
+                    "| " + " | ".join([*cells, f"skipped: {row['skipped'][quantity]}", "", "", "", ""]) + " |"
                 )
                 continue
-            ours = row["median_s"].get(f"ours {quantity}")
-            theirs = row["median_s"].get(f"BackPACK {quantity}")
-            ratio = row["ratio_ours_backpack"].get(quantity)
-            memory = row.get("extra_peak_mib", {})
-            mem_ours, mem_theirs = memory.get(f"ours {quantity}"), memory.get(f"BackPACK {quantity}")
-            print(
-                f"| {row['case']} | {row['loss']} | {quantity} | {1e3 * ours:.2f} | "
-                f"{'n/a' if theirs is None else f'{1e3 * theirs:.2f}'} | "
-                f"{'n/a' if ratio is None else f'{ratio:.2f}'} | {1e3 * row['median_s']['plain']:.2f} | "
-                f"{'' if mem_ours is None else f'{mem_ours:.0f}'} / {'n/a' if mem_theirs is None else f'{mem_theirs:.0f}'} |"
+            ours, theirs = (
+                row["median_s"].get(f"ours {quantity}"),
+                row["median_s"].get(f"BackPACK {quantity}"),
             )
+            cells += [_cell(ours, 1e3), _cell(theirs, 1e3), _cell(row["ratio_ours_backpack"].get(quantity))]
+            cells.append(_cell(row["median_s"]["plain"], 1e3))
+            mib = [memory.get(f"{who} {quantity}") for who in ("ours", "BackPACK")]
+            cells.append(" / ".join(_cell(m, digits=0) for m in mib) if memory else "")
+            print("| " + " | ".join(cells) + " |")
     for name, entry in report.get("laplace", {}).items():
-        print(
-            f"| laplace {name} | | | {1e3 * entry['ours_s']:.1f} | {1e3 * entry['backpack_s']:.1f} | {entry['ratio']:.2f} | | |"
-        )
+        cells = [f"laplace-torch {name}", "cross_entropy", "", _cell(entry["ours_s"], 1e3, 1)]
+        cells += [_cell(entry["backpack_s"], 1e3, 1), _cell(entry["ratio"]), "", ""]
+        print("| " + " | ".join(cells) + " |")
 
 
 def main(argv: list[str] | None = None) -> dict | None:

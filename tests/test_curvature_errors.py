@@ -213,11 +213,14 @@ def test_targets_without_curvature_raise_at_the_loss(case, target, match):
     assert attributes(model) == [] and untouched(model)
 
 
-def test_input_without_a_batch_dimension_raises(case):
+def test_input_without_a_batch_or_an_empty_batch_raises(case):
     model, loss_function, x, y = case
-    with pytest.raises(ValueError, match="batch dimension"):
+    with pytest.raises(ValueError, match="non-empty batch"):
         with curvature(model, loss_function, "diag_ggn_exact"):
             loss_function(model(x[0]), y[0]).backward()
+    with pytest.raises(ValueError, match="non-empty batch"):
+        with curvature(model, loss_function, "diag_ggn_exact"):
+            loss_function(model(x[:0]), y[:0]).backward()
 
 
 def test_mse_target_of_another_shape_raises():

@@ -129,7 +129,8 @@ class Curvature:
     def __enter__(self) -> Curvature:
         if isinstance(self.model.backward_phase, _CurvaturePhase):
             raise RuntimeError("curvature blocks on the same model do not nest")
-        _clear(self.model)
+        self._parameters = [p for p in self.model.parameters()]
+        _clear(self._parameters, QUANTITIES)
         self._previous_phase = self.model.backward_phase
         self.model.backward_phase = _CurvaturePhase(self, None, None, self._previous_phase)  # until a forward
         self._handles = [
@@ -175,9 +176,9 @@ class Curvature:
         input = args[0] if args else kwargs.get("input")
         if not isinstance(input, Tensor):
             return None  # BackpropMLP.forward raises
-        if input.dim() < 2:
+        if input.dim() < 2 or input.numel() == 0:
             raise ValueError(
-                f"curvature expects input with a batch dimension, (B, *, {module.in_features}), "
+                f"curvature expects a non-empty batch, input (B, *, {module.in_features}), "
                 f"got shape {tuple(input.shape)}"
             )
         previous = module.backward_phase
@@ -231,7 +232,7 @@ class Curvature:
             raise RuntimeError(
                 "curvature: backward ran after its with block closed; call it inside the block"
             )
-        _clear(self.model)  # nothing from an earlier backward may survive a failing one
+        _clear(self._parameters, self.quantities)  # nothing of an earlier backward survives a failing one
         self._pending = None
         self._check_loss(phase, tape)
         trainable = trainable_layers(needs_weight, needs_bias)
@@ -269,9 +270,10 @@ class Curvature:
                 f"curvature: the backward's {rows} rows do not match the loss's {output.shape[0]}"
             )
         expected = self.loss_spec.gradient(output.to(tape.grad_output.dtype), target.to(output.device))
-        error = (tape.grad_output - expected).abs().max().item()
-        bound = _ROUND_OFF.get(tape.grad_output.dtype, 1e-2) * max(expected.abs().max().item(), 1e-30)
-        if not error <= bound:
+        error = (tape.grad_output - expected).abs().max()
+        bound = _ROUND_OFF.get(tape.grad_output.dtype, 1e-2) * expected.abs().max().clamp(min=1e-30)
+        if not bool(error <= bound):  # one synchronisation; the message's .item() only on failure
+            error, bound = error.item(), bound.item()
             raise RuntimeError(
                 f"curvature: the gradient reaching the model's output is not that of {self.loss_function} "
                 f"at the captured target (max deviation {error:.3g}, allowed {bound:.3g}); the loss "
@@ -299,10 +301,10 @@ class Curvature:
         return values
 
 
-def _clear(model: nn.Module) -> None:
-    for param in model.parameters():
-        for name in QUANTITIES:
-            if hasattr(param, name):
+def _clear(parameters: Sequence[Tensor], names: Sequence[str]) -> None:
+    for param in parameters:
+        for name in names:
+            if name in param.__dict__:
                 delattr(param, name)
 
 

@@ -151,7 +151,9 @@ def ggn_quantities(tape: Tape, S: Tensor, names: Sequence[str], trainable: Train
     for k, S_k in factors(tape, S, trainable[0][0]):
         if k not in wanted:
             continue
-        q = S_k.square().sum(0) if diagonals else None  # q^(k+1), (N, n_{k+1})
+        q = None
+        if diagonals:
+            q = S_k[0].square() if S_k.shape[0] == 1 else S_k.square().sum(0)  # q^(k+1), (N, n_{k+1})
         for name in names:
             if name in diagonals:
                 value = _diagonal(q, tape.h[k], batch, *wanted[k], per_sample=name.endswith("_batch"))
