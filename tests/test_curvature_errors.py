@@ -246,6 +246,17 @@ def test_ggn_vector_product_refuses_bad_vectors_and_dropout():
         ggn_vector_product(model, nn.CrossEntropyLoss(), x, vector)
 
 
+@pytest.mark.parametrize("batch", [1, 4])
+def test_nothing_is_written_into_the_parameters(batch):
+    # A view of W^(l) (HD3's identity columns) is contiguous for one row: it must not be written into.
+    model = make_model("sigmoid", dropout=0.0)
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = make_data("ce-mean", batch=batch)
+    ours(model, LOSSES["ce-mean"](), x, y, list(QUANTITIES))
+    for p, b in zip(model.parameters(), before, strict=True):
+        assert torch.equal(p, b)
+
+
 def test_loss_module_called_on_something_else_is_ignored(case):
     # Only calls on the model's output count; a loss on other tensors in the block is not an error.
     model, loss_function, x, y = case

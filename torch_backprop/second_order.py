@@ -92,12 +92,14 @@ def factors(tape: Tape, S: Tensor, lowest: int) -> Iterator[tuple[int, Tensor]]:
         yield k, S  # S^(k+1), (K, N, n_{k+1})
         if k == lowest:
             return
-        S = _carry(tape, k, S.matmul(tape.weights[k]))  # CV2, (K, N, n_k)
+        S = _carry(tape, k, S.matmul(tape.weights[k]), fresh=True)  # CV2, (K, N, n_k)
 
 
-def _carry(tape: Tape, k: int, back: Tensor) -> Tensor:
-    """CV2 from ``back`` = F W^(k)ᵀ (K, N, n_k): σ'_k ⊙ m^(k) ⊙ back, written into ``back`` if fresh."""
-    fresh = back.is_contiguous()  # an expanded view is not ours to write into
+def _carry(tape: Tape, k: int, back: Tensor, fresh: bool) -> Tensor:
+    """CV2 from ``back`` = F W^(k)ᵀ (K, N, n_k): σ'_k ⊙ m^(k) ⊙ back, written into ``back`` if ``fresh``.
+
+    ``fresh`` says the caller has just made ``back`` and owns it; a view of the weights is not.
+    """
     if tape.masks[k - 1] is not None:
         back, fresh = back * tape.masks[k - 1], True
     return _times_sigma_prime(tape, k - 1, back, fresh)
@@ -113,6 +115,14 @@ def _times_sigma_prime(tape: Tape, layer: int, F: Tensor, fresh: bool) -> Tensor
     if saved is not None:
         saved = saved.expand_as(F)
     return tape.activations[layer].backprop(F, saved, overwrite=fresh)
+
+
+def _sum_of_squares(F: Tensor) -> Tensor:
+    """Σ_k F_k² over the columns of F (K, N, n), accumulated in place (no (K, N, n) temporary)."""
+    total = F[0] * F[0]
+    for column in F[1:]:
+        total.addcmul_(column, column)
+    return total
 
 
 def _diagonal(d: Tensor, h: Tensor, batch: int, weight: bool, bias: bool, per_sample: bool) -> dict:
@@ -151,9 +161,7 @@ def ggn_quantities(tape: Tape, S: Tensor, names: Sequence[str], trainable: Train
     for k, S_k in factors(tape, S, trainable[0][0]):
         if k not in wanted:
             continue
-        q = None
-        if diagonals:
-            q = S_k[0].square() if S_k.shape[0] == 1 else S_k.square().sum(0)  # q^(k+1), (N, n_{k+1})
+        q = _sum_of_squares(S_k) if diagonals else None  # q^(k+1), (N, n_{k+1})
         for name in names:
             if name in diagonals:
                 value = _diagonal(q, tape.h[k], batch, *wanted[k], per_sample=name.endswith("_batch"))
@@ -180,8 +188,8 @@ def hessian_diagonal(
     for k in reversed(range(lowest, depth)):
         d = residual.clone() if residual is not None else 0  # the identity columns of r^(k+1) at z^(k+1)
         for F_k, w in blocks:
-            F_k2 = F_k.square()
-            d = d + (F_k2.sum(0) if w is None else torch.einsum("kn,kni->ni", w, F_k2))  # HD3, d^(k+1)
+            squares = _sum_of_squares(F_k) if w is None else torch.einsum("kn,kni->ni", w, F_k.square())
+            d = d + squares  # HD3, d^(k+1)
         if k in wanted:
             for name in names:
                 value = _diagonal(d, tape.h[k], batch, *wanted[k], per_sample=name.endswith("_batch"))
@@ -189,10 +197,12 @@ def hessian_diagonal(
         if k == lowest:
             return results
         W = tape.weights[k]  # W^(k)ᵀ, (n_{k+1}, n_k)
-        blocks = [(_carry(tape, k, F_k.matmul(W)), w) for F_k, w in blocks]  # HD2 via CV2
+        blocks = [(_carry(tape, k, F_k.matmul(W), fresh=True), w) for F_k, w in blocks]  # HD2 via CV2
         if residual is not None:  # I W^(k)ᵀ: W's rows, the same for every row n
             identity_columns = W.unsqueeze(1).expand(-1, residual.shape[0], -1)  # (n_{k+1}, N, n_k)
-            blocks.append((_carry(tape, k, identity_columns), residual.t()))  # weights r^(k+1), (n_{k+1}, N)
+            blocks.append(
+                (_carry(tape, k, identity_columns, fresh=False), residual.t())
+            )  # weights r^(k+1), (n_{k+1}, N)
         g = delta[k].mm(W)  # δ^(k+1) W^(k)ᵀ, (N, n_k)
         if tape.masks[k - 1] is not None:
             g = g * tape.masks[k - 1]  # g^(k)
