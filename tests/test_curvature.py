@@ -15,6 +15,8 @@ from _curvature_helpers import (
     make_model,
     ours,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from torch_backprop import ggn_vector_product
@@ -204,6 +206,33 @@ def test_kronecker_factors_with_rows_per_sample_match_curvlinops(loss):
     x, y = make_data(loss, batch=3, steps=4)
     got, _ = ours(model, LOSSES[loss](), x, y, "kflr")
     assert_all(got, {"kflr": curvlinops_kflr(model, LOSSES[loss](), x, y)})
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    widths=st.lists(st.integers(1, 5), min_size=1, max_size=4),
+    activations=st.lists(st.sampled_from(available_activations()), min_size=4, max_size=4),
+    loss=st.sampled_from(list(LOSSES)),
+    bias=st.booleans(),
+    batch=st.integers(1, 4),
+    steps=st.sampled_from([None, 1, 3]),
+)
+def test_random_architectures_match_torch_func(widths, activations, loss, bias, batch, steps):
+    sizes = [3, *widths[:-1], 2 if loss.startswith("ce") else widths[-1]]
+    hidden = activations[: len(sizes) - 2]
+    model = make_model(
+        hidden, sizes=sizes, bias=bias, output_activation=activations[-1] if loss.startswith("mse") else None
+    )
+    x, y = make_data(loss, batch=batch, steps=steps, sizes=sizes)
+    names = ["diag_ggn_exact", "diag_ggn_exact_batch", "diag_h"]
+    got, _ = ours(model, LOSSES[loss](), x, y, names)
+    reference = FuncReference(model, LOSSES[loss](), x, y)
+    expected = {
+        "diag_ggn_exact": reference.ggn_diagonal(),
+        "diag_ggn_exact_batch": reference.ggn_diagonal(per_sample=True),
+        "diag_h": reference.hessian_diagonal(),
+    }
+    assert_all(got, expected, rtol=1e-9)
 
 
 # ---------------------------------------------------------------------------------------------
