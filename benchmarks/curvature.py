@@ -17,10 +17,11 @@ the ratio ours / BackPACK is the median over rounds of the per-round ratio. ``--
 default) counts the process's CPU time, which other processes on a shared machine stretch far less
 than wall time.
 
-``--memory`` also runs each contender in a fresh process and reports its peak resident memory
-(``ru_maxrss``) over that of the same process after one plain step of the same model: the memory
-the curvature adds. Exact diagonals carry C columns: where the factor S (C × batch × widest layer)
-would exceed ``--max-factor-gib``, that quantity is skipped for both (the [1024]^4 case: 4 GiB).
+``--memory`` also reports each contender's peak memory during one step: the largest total of the
+bytes its tensors hold at once above the level at the start of the step, from the allocation and
+free events the PyTorch profiler records (``profile_memory=True``). Exact diagonals carry C
+columns: where the factor S (C × batch × widest layer) would exceed ``--max-factor-gib``, that
+quantity is skipped for both (the [1024]^4 case: 4 GiB).
 
 ``--laplace`` also times laplace-torch's ``Laplace.fit`` over 2,048 random MNIST-shaped samples
 (batches of 256) with ``BackpropGGN`` against ``BackPackGGN`` on the twin, and the GLM predictive's
@@ -35,10 +36,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
-import resource
 import statistics
-import subprocess
 import sys
 import time
 import warnings
@@ -46,6 +44,7 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.profiler import ProfilerActivity, profile
 
 from torch_backprop import BackpropMLP, curvature
 from torch_backprop.bench import (
@@ -137,6 +136,7 @@ def measure_case(case: Case, args: argparse.Namespace) -> dict:
     model, x, target = build(case)
     loss = loss_module(case)
     steps: dict[str, Step] = {"plain": ours_step(model, x, target, loss, None)}
+    owners: dict[str, nn.Module] = {"plain": model}
     row: dict = {"case": case.name, "loss": case.loss, "skipped": {}, "agreement": {}}
     with_backpack = case.activation in BACKPACK_ACTIVATIONS and not args.no_backpack
     for quantity in QUANTITIES:
@@ -144,9 +144,10 @@ def measure_case(case: Case, args: argparse.Namespace) -> dict:
             row["skipped"][quantity] = f"S would be {factor_gib(case):.1f} GiB (> --max-factor-gib)"
             continue
         steps[f"ours {quantity}"] = ours_step(model, x, target, loss, quantity)
+        owners[f"ours {quantity}"] = model
         if with_backpack:
             theirs, twin = backpack_step(model, x, target, case, quantity)
-            steps[f"BackPACK {quantity}"] = theirs
+            steps[f"BackPACK {quantity}"], owners[f"BackPACK {quantity}"] = theirs, twin
             row["agreement"][quantity] = check_agreement(
                 model, twin, steps[f"ours {quantity}"], theirs, quantity
             )
@@ -163,35 +164,30 @@ def measure_case(case: Case, args: argparse.Namespace) -> dict:
             pairs = zip(ours["rounds_s"], theirs["rounds_s"], strict=True)
             row["ratio_ours_backpack"][quantity] = statistics.median(a / b for a, b in pairs)
     if args.memory:
-        row["extra_peak_mib"] = {
-            name: memory_in_child(case, *name.split(" ")) for name in steps if name != "plain"
-        }
+        row["peak_mib"] = {name: peak_bytes(step, owners[name]) / 2**20 for name, step in steps.items()}
     return row
 
 
-def memory_in_child(case: Case, method: str, quantity: str) -> float:
-    """Peak RSS of a fresh process over a plain step, running ``method``'s ``quantity`` step 3 times."""
-    command = [sys.executable, __file__, "--child", case.name, method, quantity]
-    result = subprocess.run(command, capture_output=True, text=True, check=True)
-    return json.loads(result.stdout.strip().splitlines()[-1])["extra_peak_mib"]
+def peak_bytes(step: Step, owner: nn.Module) -> int:
+    """Peak bytes held by tensors during ``step()`` above the level at its start (profiler events).
 
-
-def child(case_name: str, method: str, quantity: str) -> None:
-    shape, activation, _ = case_name.split(" ")
-    sizes, batch = parse_cases(shape)[0]
-    case = Case(sizes, batch, activation)
-    model, x, target = build(case)
-    if method == "ours":
-        plain, step = (ours_step(model, x, target, loss_module(case), q) for q in (None, quantity))
-    else:
-        plain, _ = backpack_step(model, x, target, case, None)
-        step, _ = backpack_step(model, x, target, case, quantity)
-    plain()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    for _ in range(3):
+    The gradients and curvature attributes of the previous step are dropped first, so that the
+    step frees nothing it did not allocate.
+    """
+    for p in owner.parameters():
+        p.grad = None
+        for name in QUANTITIES:
+            if name in p.__dict__:
+                delattr(p, name)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"extra_peak_mib": (after - before) / 1024}))  # ru_maxrss is in KiB on Linux
+    events = prof.profiler.kineto_results.events()
+    changes = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
+    total = peak = 0
+    for _, change in changes:
+        total += change
+        peak = max(peak, total)
+    return peak
 
 
 def laplace_timings(args: argparse.Namespace) -> dict:
@@ -259,11 +255,11 @@ def _cell(value: float | None, scale: float = 1.0, digits: int = 2) -> str:
 
 def print_table(report: dict) -> None:
     header = ["case", "loss", "quantity", "ours (ms)", "BackPACK (ms)", "ours / BackPACK", "plain step (ms)"]
-    header.append("extra peak MiB, ours / BackPACK")
+    header.append("peak MiB: ours / BackPACK (plain)")
     print("| " + " | ".join(header) + " |")
     print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for row in report["cases"]:
-        memory = row.get("extra_peak_mib", {})
+        memory = row.get("peak_mib", {})
         for quantity in QUANTITIES:
             cells = [row["case"], row["loss"], quantity]
             if quantity in row["skipped"]:
@@ -278,7 +274,8 @@ def print_table(report: dict) -> None:
             cells += [_cell(ours, 1e3), _cell(theirs, 1e3), _cell(row["ratio_ours_backpack"].get(quantity))]
             cells.append(_cell(row["median_s"]["plain"], 1e3))
             mib = [memory.get(f"{who} {quantity}") for who in ("ours", "BackPACK")]
-            cells.append(" / ".join(_cell(m, digits=0) for m in mib) if memory else "")
+            plain = f" ({_cell(memory.get('plain'), digits=1)})" if memory else ""
+            cells.append(" / ".join(_cell(m, digits=1) for m in mib) + plain if memory else "")
             print("| " + " | ".join(cells) + " |")
     for name, entry in report.get("laplace", {}).items():
         cells = [f"laplace-torch {name}", "cross_entropy", "", _cell(entry["ours_s"], 1e3, 1)]
@@ -286,7 +283,7 @@ def print_table(report: dict) -> None:
         print("| " + " | ".join(cells) + " |")
 
 
-def main(argv: list[str] | None = None) -> dict | None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--cases", default=None, help="e.g. 784-512-512-10@256,8-16-16-1@32 (default: bench grid)"
@@ -297,17 +294,13 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--timer", choices=("cpu", "wall"), default="cpu")
     parser.add_argument("--max-factor-gib", type=float, default=1.0)
-    parser.add_argument("--memory", action="store_true", help="peak memory per contender (fresh processes)")
+    parser.add_argument("--memory", action="store_true", help="peak memory per contender (profiler)")
     parser.add_argument("--laplace", action="store_true", help="also time laplace-torch's fit and Jacobians")
     parser.add_argument("--no-backpack", action="store_true", help="ours only (BackPACK not installed)")
     parser.add_argument("--json", metavar="FILE")
-    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", message="Full backward hook is firing")  # BackPACK, harmless
     torch.set_num_threads(args.threads)
-    if args.child:
-        child(*args.child)
-        return None
     shapes = parse_cases(args.cases) if args.cases else Settings().shapes
     settings = Settings(shapes=shapes, activations=args.activations.split(","))
     report = {
