@@ -5,6 +5,7 @@ which include ``[784, 512, 512, 10]`` at batch 256) it times one step (zero the 
 the loss module, backward) of:
 
     plain                 BackpropMLP, no curvature (context)
+    BackPACK plain        the extended twin outside any ``backpack`` block (native autograd)
     ours <quantity>       BackpropMLP inside ``curvature(model, loss, quantity)``
     BackPACK <quantity>   the extended twin inside ``backpack(extension)`` (``DiagGGNExact``,
                           ``DiagGGNMC()``, ``KFAC()``); BackPACK has no GELU, so GELU rows are ours only
@@ -139,6 +140,8 @@ def measure_case(case: Case, args: argparse.Namespace) -> dict:
     owners: dict[str, nn.Module] = {"plain": model}
     row: dict = {"case": case.name, "loss": case.loss, "skipped": {}, "agreement": {}}
     with_backpack = case.activation in BACKPACK_ACTIVATIONS and not args.no_backpack
+    if with_backpack:
+        steps["BackPACK plain"], owners["BackPACK plain"] = backpack_step(model, x, target, case, None)
     for quantity in QUANTITIES:
         if quantity == "diag_ggn_exact" and factor_gib(case) > args.max_factor_gib:
             row["skipped"][quantity] = f"S would be {factor_gib(case):.1f} GiB (> --max-factor-gib)"
@@ -157,12 +160,21 @@ def measure_case(case: Case, args: argparse.Namespace) -> dict:
         steps, rounds=args.rounds, min_run_time=args.min_run_time, threads=args.threads, timer=args.timer
     )
     row["median_s"] = {name: t["median_s"] for name, t in timed.items()}
-    row["ratio_ours_backpack"] = {}
+    row["ratio_ours_backpack"], row["ratio_extra"] = {}, {}
     for quantity in QUANTITIES:
         ours, theirs = timed.get(f"ours {quantity}"), timed.get(f"BackPACK {quantity}")
         if ours and theirs:
             pairs = zip(ours["rounds_s"], theirs["rounds_s"], strict=True)
             row["ratio_ours_backpack"][quantity] = statistics.median(a / b for a, b in pairs)
+            # the curvature's own cost: each step minus its own plain step, in the same round
+            extra = zip(
+                ours["rounds_s"],
+                timed["plain"]["rounds_s"],
+                theirs["rounds_s"],
+                timed["BackPACK plain"]["rounds_s"],
+                strict=True,
+            )
+            row["ratio_extra"][quantity] = statistics.median((a - p) / (b - q) for a, p, b, q in extra)
     if args.memory:
         row["peak_mib"] = {name: peak_bytes(step, owners[name]) / 2**20 for name, step in steps.items()}
     return row
@@ -254,32 +266,34 @@ def _cell(value: float | None, scale: float = 1.0, digits: int = 2) -> str:
 
 
 def print_table(report: dict) -> None:
-    header = ["case", "loss", "quantity", "ours (ms)", "BackPACK (ms)", "ours / BackPACK", "plain step (ms)"]
-    header.append("peak MiB: ours / BackPACK (plain)")
+    header = ["case", "loss", "quantity", "ours (ms)", "BackPACK (ms)", "ours / BackPACK"]
+    header += ["extra over own plain step, ours / BackPACK", "plain step (ms), ours / BackPACK"]
+    header.append("peak MiB, ours / BackPACK (plain steps)")
     print("| " + " | ".join(header) + " |")
-    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for row in report["cases"]:
-        memory = row.get("peak_mib", {})
+        memory, median = row.get("peak_mib", {}), row["median_s"]
+        plains = " / ".join(_cell(median.get(name), 1e3) for name in ("plain", "BackPACK plain"))
         for quantity in QUANTITIES:
             cells = [row["case"], row["loss"], quantity]
             if quantity in row["skipped"]:
-                print(
-                    "| " + " | ".join([*cells, f"skipped: {row['skipped'][quantity]}", "", "", "", ""]) + " |"
-                )
+                print("| " + " | ".join([*cells, f"skipped: {row['skipped'][quantity]}", *[""] * 5]) + " |")
                 continue
-            ours, theirs = (
-                row["median_s"].get(f"ours {quantity}"),
-                row["median_s"].get(f"BackPACK {quantity}"),
-            )
+            ours, theirs = median.get(f"ours {quantity}"), median.get(f"BackPACK {quantity}")
             cells += [_cell(ours, 1e3), _cell(theirs, 1e3), _cell(row["ratio_ours_backpack"].get(quantity))]
-            cells.append(_cell(row["median_s"]["plain"], 1e3))
-            mib = [memory.get(f"{who} {quantity}") for who in ("ours", "BackPACK")]
-            plain = f" ({_cell(memory.get('plain'), digits=1)})" if memory else ""
-            cells.append(" / ".join(_cell(m, digits=1) for m in mib) + plain if memory else "")
+            cells += [_cell(row["ratio_extra"].get(quantity)), plains]
+            if memory:
+                mib = " / ".join(
+                    _cell(memory.get(f"{who} {quantity}"), digits=2) for who in ("ours", "BackPACK")
+                )
+                plain = " / ".join(_cell(memory.get(name), digits=2) for name in ("plain", "BackPACK plain"))
+                cells.append(f"{mib} ({plain})")
+            else:
+                cells.append("")
             print("| " + " | ".join(cells) + " |")
     for name, entry in report.get("laplace", {}).items():
         cells = [f"laplace-torch {name}", "cross_entropy", "", _cell(entry["ours_s"], 1e3, 1)]
-        cells += [_cell(entry["backpack_s"], 1e3, 1), _cell(entry["ratio"]), "", ""]
+        cells += [_cell(entry["backpack_s"], 1e3, 1), _cell(entry["ratio"]), "", "", ""]
         print("| " + " | ".join(cells) + " |")
 
 
