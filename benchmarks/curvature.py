@@ -6,6 +6,10 @@ the loss module, backward) of:
 
     plain                 BackpropMLP, no curvature (context)
     BackPACK plain        the extended twin outside any ``backpack`` block (native autograd)
+    floor <quantity>      the matrix products alone that any exact method does for the quantity:
+                          ``bench.matmul_floor`` (a plain step's) plus the K-column BP2 products
+                          (K = C for the exact diagonal, 1 for one Monte Carlo sample) and, per
+                          layer, the diagonal's q^(l+1)ᵀ (h^(l))² or KFAC's G and A products
     ours <quantity>       BackpropMLP inside ``curvature(model, loss, quantity)``
     BackPACK <quantity>   the extended twin inside ``backpack(extension)`` (``DiagGGNExact``,
                           ``DiagGGNMC()``, ``KFAC()``); BackPACK has no GELU, so GELU rows are ours only
@@ -54,6 +58,7 @@ from torch_backprop.bench import (
     Settings,
     interleaved_medians,
     machine_info,
+    matmul_floor,
     parse_cases,
 )
 from torch_backprop.bench import write_json as write_report
@@ -119,6 +124,28 @@ def backpack_step(model: BackpropMLP, x, target, case: Case, quantity: str | Non
     return step, twin
 
 
+def floor_step(case: Case, quantity: str) -> Step:
+    """The quantity's matrix products alone, on random tensors of the step's shapes."""
+    plain = matmul_floor(case.sizes, case.batch, torch.float32, "cpu")
+    columns = case.sizes[-1] if quantity == "diag_ggn_exact" else 1
+    weights = [torch.randn(n_out, n_in) for n_in, n_out in zip(case.sizes[:-1], case.sizes[1:], strict=True)]
+    h = [torch.randn(case.batch, n) for n in case.sizes[:-1]]
+    S = [torch.randn(columns * case.batch, n) for n in case.sizes[1:]]
+
+    def step() -> None:
+        plain()
+        for k, weight in enumerate(weights):
+            if k > 0:
+                S[k].mm(weight)  # CV2 on K columns, (K N, n_k)
+            if quantity == "kfac":
+                S[k].t().mm(S[k])  # G, (n_{k+1}, n_{k+1})
+                h[k].t().mm(h[k])  # A, (n_k, n_k)
+            else:
+                S[k][: case.batch].t().mm(h[k])  # CV3: q^(k+1)ᵀ (h^(k))², (n_{k+1}, n_k)
+
+    return step
+
+
 def check_agreement(model: BackpropMLP, twin: nn.Module, ours: Step, theirs: Step, quantity: str) -> float:
     """Largest relative difference between the two after one step each (same seed for MC draws)."""
     torch.manual_seed(123)
@@ -148,6 +175,7 @@ def measure_case(case: Case, args: argparse.Namespace) -> dict:
             continue
         steps[f"ours {quantity}"] = ours_step(model, x, target, loss, quantity)
         owners[f"ours {quantity}"] = model
+        steps[f"floor {quantity}"], owners[f"floor {quantity}"] = floor_step(case, quantity), nn.Module()
         if with_backpack:
             theirs, twin = backpack_step(model, x, target, case, quantity)
             steps[f"BackPACK {quantity}"], owners[f"BackPACK {quantity}"] = theirs, twin
@@ -160,8 +188,16 @@ def measure_case(case: Case, args: argparse.Namespace) -> dict:
         steps, rounds=args.rounds, min_run_time=args.min_run_time, threads=args.threads, timer=args.timer
     )
     row["median_s"] = {name: t["median_s"] for name, t in timed.items()}
-    row["ratio_ours_backpack"], row["ratio_extra"] = {}, {}
+    row["ratio_ours_backpack"], row["ratio_extra"], row["ratio_floor"] = {}, {}, {}
     for quantity in QUANTITIES:
+        for who in ("ours", "BackPACK"):
+            if f"{who} {quantity}" in timed:
+                pairs = zip(
+                    timed[f"floor {quantity}"]["rounds_s"],
+                    timed[f"{who} {quantity}"]["rounds_s"],
+                    strict=True,
+                )
+                row["ratio_floor"][f"{who} {quantity}"] = statistics.median(f / t for f, t in pairs)
         ours, theirs = timed.get(f"ours {quantity}"), timed.get(f"BackPACK {quantity}")
         if ours and theirs:
             pairs = zip(ours["rounds_s"], theirs["rounds_s"], strict=True)
@@ -176,7 +212,11 @@ def measure_case(case: Case, args: argparse.Namespace) -> dict:
             )
             row["ratio_extra"][quantity] = statistics.median((a - p) / (b - q) for a, p, b, q in extra)
     if args.memory:
-        row["peak_mib"] = {name: peak_bytes(step, owners[name]) / 2**20 for name, step in steps.items()}
+        row["peak_mib"] = {
+            name: peak_bytes(step, owners[name]) / 2**20
+            for name, step in steps.items()
+            if "floor" not in name
+        }
     return row
 
 
@@ -267,21 +307,23 @@ def _cell(value: float | None, scale: float = 1.0, digits: int = 2) -> str:
 
 def print_table(report: dict) -> None:
     header = ["case", "loss", "quantity", "ours (ms)", "BackPACK (ms)", "ours / BackPACK"]
-    header += ["extra over own plain step, ours / BackPACK", "plain step (ms), ours / BackPACK"]
+    header += ["extra over own plain step, ours / BackPACK", "matmul floor / time, ours, BackPACK"]
+    header.append("plain step (ms), ours / BackPACK")
     header.append("peak MiB, ours / BackPACK (plain steps)")
     print("| " + " | ".join(header) + " |")
-    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for row in report["cases"]:
         memory, median = row.get("peak_mib", {}), row["median_s"]
         plains = " / ".join(_cell(median.get(name), 1e3) for name in ("plain", "BackPACK plain"))
         for quantity in QUANTITIES:
             cells = [row["case"], row["loss"], quantity]
             if quantity in row["skipped"]:
-                print("| " + " | ".join([*cells, f"skipped: {row['skipped'][quantity]}", *[""] * 5]) + " |")
+                print("| " + " | ".join([*cells, f"skipped: {row['skipped'][quantity]}", *[""] * 6]) + " |")
                 continue
             ours, theirs = median.get(f"ours {quantity}"), median.get(f"BackPACK {quantity}")
             cells += [_cell(ours, 1e3), _cell(theirs, 1e3), _cell(row["ratio_ours_backpack"].get(quantity))]
-            cells += [_cell(row["ratio_extra"].get(quantity)), plains]
+            floors = [row["ratio_floor"].get(f"{who} {quantity}") for who in ("ours", "BackPACK")]
+            cells += [_cell(row["ratio_extra"].get(quantity)), ", ".join(_cell(f) for f in floors), plains]
             if memory:
                 mib = " / ".join(
                     _cell(memory.get(f"{who} {quantity}"), digits=2) for who in ("ours", "BackPACK")
@@ -293,7 +335,7 @@ def print_table(report: dict) -> None:
             print("| " + " | ".join(cells) + " |")
     for name, entry in report.get("laplace", {}).items():
         cells = [f"laplace-torch {name}", "cross_entropy", "", _cell(entry["ours_s"], 1e3, 1)]
-        cells += [_cell(entry["backpack_s"], 1e3, 1), _cell(entry["ratio"]), "", "", ""]
+        cells += [_cell(entry["backpack_s"], 1e3, 1), _cell(entry["ratio"]), "", "", "", ""]
         print("| " + " | ".join(cells) + " |")
 
 
