@@ -10,10 +10,12 @@ from __future__ import annotations
 from . import activations, functional, testing
 from .activations import Activation, available_activations, get_activation, register_activation
 from .clipping import AdaptiveClipping
+from .curvature import curvature
 from .dp import dp_sgd_step
 from .function import MLPFunction
 from .module import BackpropMLP
 from .per_sample import per_sample
+from .second_order import ggn_vector_product
 
 __all__ = [
     "Activation",
@@ -22,9 +24,11 @@ __all__ = [
     "MLPFunction",
     "activations",
     "available_activations",
+    "curvature",
     "dp_sgd_step",
     "functional",
     "get_activation",
+    "ggn_vector_product",
     "per_sample",
     "register_activation",
     "testing",

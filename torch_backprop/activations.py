@@ -30,6 +30,7 @@ __all__ = [
     "get_activation",
     "register_activation",
     "resolve_activations",
+    "zero_second_derivative",
 ]
 
 aten = torch.ops.aten
@@ -57,6 +58,10 @@ class Activation:
             not read z).
         module: builds the equivalent native module (for ``to_sequential``).
         params: the parameters the entry was built with, e.g. ``{"negative_slope": 0.01}``.
+        second_derivative: optional σ'' written in terms of the same tensor as ``derivative``
+            (``derivative_from``); :func:`zero_second_derivative` for piecewise-linear σ. Only the
+            Hessian diagonal (:mod:`torch_backprop.curvature`, ``diag_h``) reads it; ``None``
+            (default) means unknown.
 
     Attributes:
         forward: σ of a fresh pre-activation z, ``forward(z)``: ``inplace`` (on z) when given and
@@ -74,6 +79,7 @@ class Activation:
     inplace: Callable[[Tensor], Tensor] | None = None
     module: Callable[[], nn.Module] | None = None
     params: dict[str, Any] = field(default_factory=dict)
+    second_derivative: Callable[[Tensor], Tensor] | None = None
     forward: Callable[[Tensor], Tensor] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -164,6 +170,7 @@ def register_activation(
     *,
     derivative_from: DerivativeFrom = "z",
     overwrite: bool = False,
+    second_derivative: Callable[[Tensor], Tensor] | None = None,
 ) -> None:
     """Register an activation under ``name``.
 
@@ -176,6 +183,8 @@ def register_activation(
         derivative: σ' as a function of z (or of h with ``derivative_from="h"``).
         derivative_from: which tensor σ' reads: ``"z"`` (default, always correct) or ``"h"``.
         overwrite: replace an existing entry of the same name.
+        second_derivative: optional σ'' as a function of the same tensor as ``derivative`` (only
+            the Hessian diagonal of :mod:`torch_backprop.curvature` needs it).
 
     Raises:
         ValueError: the name is taken and ``overwrite`` is false, or ``derivative_from`` is unknown.
@@ -194,7 +203,7 @@ def register_activation(
         return
 
     def factory() -> Activation:
-        return Activation(name, fn, derivative, derivative_from)
+        return Activation(name, fn, derivative, derivative_from, second_derivative=second_derivative)
 
     _REGISTRY[name] = factory
 
@@ -287,6 +296,14 @@ def activation_from_module(module: nn.Module) -> Activation:
 # Built-in entries. σ' in closed form next to each σ; the fused kernels compute the same product.
 
 
+def zero_second_derivative(saved: Tensor) -> Tensor:
+    """σ'' = 0: the entry for piecewise-linear activations (identity, ReLU, leaky ReLU).
+
+    :mod:`torch_backprop.curvature` recognises this function and skips the σ'' terms it would add.
+    """
+    return torch.zeros_like(saved)
+
+
 def _kernel(op: Any, *args: Any, **kwargs: Any) -> dict[str, Callable[[Tensor, Tensor], Tensor]]:
     """``fused`` and ``fused_into`` for the aten kernel ``op(grad, saved, *args, **kwargs)``.
 
@@ -301,7 +318,14 @@ def _kernel(op: Any, *args: Any, **kwargs: Any) -> dict[str, Callable[[Tensor, T
 
 
 def _identity() -> Activation:
-    return Activation("identity", lambda z: z, torch.ones_like, "none", module=nn.Identity)
+    return Activation(
+        "identity",
+        lambda z: z,
+        torch.ones_like,
+        "none",
+        module=nn.Identity,
+        second_derivative=zero_second_derivative,
+    )
 
 
 def _relu() -> Activation:
@@ -314,6 +338,7 @@ def _relu() -> Activation:
         **_kernel(aten.threshold_backward, 0),
         inplace=torch.relu_,
         module=nn.ReLU,
+        second_derivative=zero_second_derivative,  # σ'' = 0 (almost everywhere)
     )
 
 
@@ -330,6 +355,7 @@ def _leaky_relu(negative_slope: float = 0.01) -> Activation:
         inplace=lambda z: F.leaky_relu_(z, slope),
         module=lambda: nn.LeakyReLU(slope),
         params={"negative_slope": slope},
+        second_derivative=zero_second_derivative,  # σ'' = 0 (almost everywhere)
     )
 
 
@@ -337,10 +363,13 @@ def _elu(alpha: float = 1.0) -> Activation:
     # σ'(z) = 1 if z > 0 else α e^z = h + α; for α > 0, z > 0 exactly when h > 0.
     alpha = float(alpha)
     from_output = alpha > 0
+    # σ''(z) = 0 if z > 0 else α e^z = h + α
     if from_output:
         derivative = lambda h: torch.where(h > 0, 1.0, h + alpha).to(h.dtype)  # noqa: E731
+        second = lambda h: torch.where(h > 0, 0.0, h + alpha).to(h.dtype)  # noqa: E731
     else:
         derivative = lambda z: torch.where(z > 0, 1.0, alpha * torch.exp(z)).to(z.dtype)  # noqa: E731
+        second = lambda z: torch.where(z > 0, 0.0, alpha * torch.exp(z)).to(z.dtype)  # noqa: E731
     return Activation(
         "elu",
         lambda z: F.elu(z, alpha),
@@ -353,6 +382,7 @@ def _elu(alpha: float = 1.0) -> Activation:
         inplace=lambda z: F.elu_(z, alpha),
         module=lambda: nn.ELU(alpha),
         params={"alpha": alpha},
+        second_derivative=second,
     )
 
 
@@ -370,6 +400,21 @@ def _gelu_tanh_derivative(z: Tensor) -> Tensor:
     return 0.5 * (1 + t) + 0.5 * z * (1 - t * t) * k * (1 + 3 * 0.044715 * z * z)
 
 
+def _gelu_second_derivative(z: Tensor) -> Tensor:
+    # σ'(z) = Φ(z) + z φ(z), φ'(z) = -z φ(z)  =>  σ''(z) = φ(z) (2 - z²)
+    pdf = torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
+    return pdf * (2 - z * z)
+
+
+def _gelu_tanh_second_derivative(z: Tensor) -> Tensor:
+    # With u' = k(1 + 3·0.044715 z²), u'' = 6·0.044715 k z:
+    # σ''(z) = (1 - t²) (u' + z/2 (u'' - 2 t u'²))
+    k = math.sqrt(2 / math.pi)
+    t = torch.tanh(k * (z + 0.044715 * z**3))
+    du = k * (1 + 3 * 0.044715 * z * z)
+    return (1 - t * t) * (du + 0.5 * z * (6 * 0.044715 * k * z - 2 * t * du * du))
+
+
 def _gelu() -> Activation:
     return Activation(
         "gelu",
@@ -378,6 +423,7 @@ def _gelu() -> Activation:
         "z",
         **_kernel(aten.gelu_backward),
         module=nn.GELU,
+        second_derivative=_gelu_second_derivative,
     )
 
 
@@ -389,6 +435,7 @@ def _gelu_tanh() -> Activation:
         "z",
         **_kernel(aten.gelu_backward, approximate="tanh"),
         module=lambda: nn.GELU(approximate="tanh"),
+        second_derivative=_gelu_tanh_second_derivative,
     )
 
 
@@ -398,6 +445,11 @@ def _silu() -> Activation:
         s = torch.sigmoid(z)
         return s * (1 + z * (1 - s))
 
+    # σ''(z) = s (1 - s) (2 + z (1 - 2s))
+    def second_derivative(z: Tensor) -> Tensor:
+        s = torch.sigmoid(z)
+        return s * (1 - s) * (2 + z * (1 - 2 * s))
+
     return Activation(
         "silu",
         F.silu,
@@ -406,11 +458,12 @@ def _silu() -> Activation:
         **_kernel(aten.silu_backward),
         fused_differentiable=False,  # aten has no derivative for silu_backward
         module=nn.SiLU,
+        second_derivative=second_derivative,
     )
 
 
 def _sigmoid() -> Activation:
-    # σ'(z) = σ(z)(1 - σ(z)) = h (1 - h)
+    # σ'(z) = σ(z)(1 - σ(z)) = h (1 - h),  σ''(z) = h (1 - h)(1 - 2h)
     return Activation(
         "sigmoid",
         torch.sigmoid,
@@ -419,11 +472,12 @@ def _sigmoid() -> Activation:
         **_kernel(aten.sigmoid_backward),
         inplace=torch.sigmoid_,
         module=nn.Sigmoid,
+        second_derivative=lambda h: h * (1 - h) * (1 - 2 * h),
     )
 
 
 def _tanh() -> Activation:
-    # σ'(z) = 1 - tanh²(z) = 1 - h²
+    # σ'(z) = 1 - tanh²(z) = 1 - h²,  σ''(z) = -2 h (1 - h²)
     return Activation(
         "tanh",
         torch.tanh,
@@ -432,11 +486,13 @@ def _tanh() -> Activation:
         **_kernel(aten.tanh_backward),
         inplace=torch.tanh_,
         module=nn.Tanh,
+        second_derivative=lambda h: -2 * h * (1 - h * h),
     )
 
 
 def _softplus(beta: float = 1.0, threshold: float = 20.0) -> Activation:
-    # σ(z) = log(1 + e^{βz})/β (z where βz > threshold)  =>  σ'(z) = sigmoid(βz) (1 there)
+    # σ(z) = log(1 + e^{βz})/β (z where βz > threshold)  =>  σ'(z) = sigmoid(βz) (1 there),
+    # σ''(z) = β s (1 - s) with s = sigmoid(βz) (0 there)
     beta, threshold = float(beta), float(threshold)
     return Activation(
         "softplus",
@@ -446,6 +502,9 @@ def _softplus(beta: float = 1.0, threshold: float = 20.0) -> Activation:
         **_kernel(aten.softplus_backward, beta, threshold),
         module=lambda: nn.Softplus(beta, threshold),
         params={"beta": beta, "threshold": threshold},
+        second_derivative=lambda z: torch.where(
+            z * beta > threshold, 0.0, beta * torch.sigmoid(z * beta) * (1 - torch.sigmoid(z * beta))
+        ).to(z.dtype),
     )
 
 
