@@ -17,7 +17,7 @@ the loss module, backward) of:
 for ``diag_ggn_exact``, ``diag_ggn_mc`` and ``kfac`` (one Monte Carlo sample), with the loss of
 ``bench.Case.loss`` (cross-entropy, or MSE for one output), reduction "mean". Before timing, each
 pair is checked to agree (float32 round-off; the Monte Carlo pair with the same seed draws the same
-labels). Times come from ``bench.interleaved_medians`` (every contender once per round, rotated);
+labels). Times come from ``timing.interleaved_medians`` (every contender once per round, rotated);
 the ratio ours / BackPACK is the median over rounds of the per-round ratio. ``--timer cpu`` (the
 default) counts the process's CPU time, which other processes on a shared machine stretch far less
 than wall time.
@@ -52,16 +52,9 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from torch_backprop import BackpropMLP, curvature
-from torch_backprop.bench import (
-    DEFAULT_ACTIVATIONS,
-    Case,
-    Settings,
-    interleaved_medians,
-    machine_info,
-    matmul_floor,
-    parse_cases,
-)
-from torch_backprop.bench import write_json as write_report
+from torch_backprop.benchmark import DEFAULT_ACTIVATIONS, Case, Settings, matmul_floor, parse_cases
+from torch_backprop.files import write_json as write_report
+from torch_backprop.timing import interleaved_medians, machine_info
 
 QUANTITIES = ("diag_ggn_exact", "diag_ggn_mc", "kfac")
 BACKPACK_ACTIVATIONS = {"relu", "tanh", "sigmoid"}  # those of BackPACK's DiagGGN and KFAC modules

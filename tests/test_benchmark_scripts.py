@@ -116,3 +116,21 @@ def test_per_sample_whole_dp_step_rows_run_and_check_without_noise():
         if name in measured:  # σ = 0: the averaged clipped gradient of the float64 loop
             assert measured[name]["max_abs_error_vs_float64_loop"] < 1e-6, name
     assert {row["draw"] for row in result["noise_draws"]} >= {"one flat randn"}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("backpack") is None, reason="needs backpack-for-pytorch")
+def test_curvature_benchmark_runs_and_agrees_with_backpack(tmp_path):
+    out = tmp_path / "curvature.json"
+    report = load("curvature").main(
+        [
+            *("--cases", "6-8-3@5,6-8-1@5", "--activations", "tanh", "--rounds", "1"),
+            *("--min-run-time", "0.01", "--threads", "1", "--json", str(out)),
+        ]
+    )
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    assert [row["loss"] for row in report["cases"]] == ["cross_entropy", "mse"]
+    for row in report["cases"]:
+        assert set(row["ratio_ours_backpack"]) == {"diag_ggn_exact", "diag_ggn_mc", "kfac"}, row["case"]
+        for quantity in ("diag_ggn_exact", "kfac"):  # exact quantities; float32
+            assert row["agreement"][quantity] < 1e-5, (row["case"], quantity)
+        assert all(t > 0 for t in row["median_s"].values())
