@@ -57,10 +57,11 @@ def assert_same_posterior(la, reference, x) -> None:
 
 @pytest.mark.parametrize("likelihood", ["classification", "regression"])
 @pytest.mark.parametrize("structure", ["diag", "kron"])
-@pytest.mark.parametrize("subset", ["all", "last_layer"])
+@pytest.mark.parametrize("subset", ["all", "last_layer", "last_layer-split"])
 def test_posterior_precision_matches_the_backpack_backend(subset, structure, likelihood):
     model, loader, x = make_case(likelihood)
-    ours = model if subset == "all" else split_last_layer(model)
+    ours = split_last_layer(model) if subset.endswith("split") else model
+    subset = subset.removesuffix("-split")
     la = fitted(ours, likelihood, subset, structure, BackpropGGN, loader)
     reference = fitted(model.to_sequential(), likelihood, subset, structure, BackPackGGN, loader)
     assert_same_posterior(la, reference, x)
@@ -110,8 +111,9 @@ def test_errors_name_what_is_expected():
     trainable_prefix = nn.Sequential(nn.Linear(6, 6, dtype=DTYPE), model)
     with pytest.raises(ValueError, match="every trainable parameter inside the final BackpropMLP"):
         fitted(trainable_prefix, "classification", "all", "diag", BackpropGGN, loader)
-    with pytest.raises(ValueError, match="split_last_layer"):  # laplace-torch finds layers.2 by name
-        fitted(model, "classification", "last_layer", "diag", BackpropGGN, loader, last_layer_name="layers.2")
+    squashed = BackpropMLP([6, 8, 7, 3], activation="tanh", output_activation="sigmoid", dtype=DTYPE)
+    with pytest.raises(ValueError, match="not the last layer's W φ"):  # f = σ(W φ + b)
+        fitted(squashed, "classification", "last_layer", "diag", BackpropGGN, loader)
     with pytest.raises(TypeError, match="BackpropMLP"):
         fitted(model.to_sequential(), "classification", "all", "diag", BackpropGGN, loader)
     with pytest.raises(ValueError, match="output activation"):

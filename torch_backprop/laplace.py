@@ -19,10 +19,11 @@ Kronecker factors (``kflr`` / ``kfac``), times laplace's likelihood factor (1 fo
 columns (:func:`~torch_backprop.second_order.output_jacobians`, JB1) instead of C backward passes.
 
 ``subset_of_weights="all"`` takes a BackpropMLP, or an ``nn.Sequential`` that ends in one with every
-earlier parameter frozen. ``"last_layer"`` needs :func:`split_last_layer`: laplace-torch finds the
-last layer and its input with forward hooks on ``nn.Linear`` modules, and a BackpropMLP runs its
-layers inside one Function, so their hooks do not fire (see the README); the split model has the
-same parameters, with the last layer as a native ``nn.Linear`` after a shorter BackpropMLP.
+earlier parameter frozen. ``"last_layer"`` takes the same models: laplace-torch finds the last
+layer and its input φ with a forward hook on the last ``nn.Linear``, which fires as on the twin (a
+BackpropMLP whose layers carry hooks runs them layer by layer), and the curvature of f = W φ + b
+is the recursion on a stack of depth 1. :func:`split_last_layer` gives the same network with its
+last layer as a native ``nn.Linear`` after a shorter BackpropMLP, whose body then stays fused.
 
 laplace-torch is an optional dependency (``pip install torch-backprop[curvature]``).
 """
@@ -115,8 +116,8 @@ class BackpropGGN(GGNInterface):
 
     Raises:
         TypeError: a model that is not, and does not end in, a BackpropMLP.
-        ValueError: trainable parameters outside the final BackpropMLP; a last layer inside a
-            BackpropMLP (use :func:`split_last_layer`).
+        ValueError: trainable parameters outside the final BackpropMLP; (last layer, on ``fit``) an
+            output that is not the last layer's W φ + b.
     """
 
     def __init__(
@@ -134,16 +135,8 @@ class BackpropGGN(GGNInterface):
             model, likelihood, last_layer, subnetwork_indices, dict_key_x, dict_key_y, stochastic, num_samples
         )
         self.loss_spec = LossSpec.from_module(self.lossfunc, "BackpropGGN")
-        if last_layer:
+        if last_layer:  # φ comes from laplace's forward hook on the last nn.Linear, as on the twin
             self.prefix, self.mlp = [], None
-            inside = [
-                m for m in model.modules() if isinstance(m, BackpropMLP) and model.last_layer in m.layers
-            ]
-            if inside:
-                raise ValueError(
-                    "BackpropGGN: the last layer is inside a BackpropMLP, whose layers run no forward hooks, "
-                    "so laplace-torch never sees its input; pass split_last_layer(model) to Laplace"
-                )
             return
         self.prefix, self.mlp = _final_mlp(model)
         outside = [
