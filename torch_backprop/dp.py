@@ -186,34 +186,38 @@ def dp_sgd_step(
     )
     std = multiplier * rule.sensitivity  # σ Δ, CL4
     noisy = not distributed or dist.get_rank() == 0  # the noise is drawn once, on rank 0
-    with torch.no_grad():
-        sums = []
+    average = 1 / batch_size if reduction == "mean" else 1  # DP2 or DP1
+    with torch.no_grad():  # in place, as clip_grad_norm_ does: S · average + N(0, (σΔ · average)²)
+        grads = []
         for _, param in named:
             (scale,) = _records[param].scales
-            total = param.grad * scale if scale != 1 else param.grad.clone()  # S
-            if noisy:
-                noise = torch.randn(param.shape, generator=generator, dtype=param.dtype, device=param.device)
-                total.add_(noise, alpha=std)
-            sums.append(total)
+            grad = param.grad  # S / scale
+            noise = (
+                torch.randn(param.shape, generator=generator, dtype=param.dtype, device=param.device)
+                if noisy
+                else None
+            )  # drawn before .grad changes: a generator on another device fails with .grad intact
+            if scale * average != 1:
+                grad.mul_(scale * average)
+            if noise is not None:
+                grad.add_(noise, alpha=std * average)
+            grads.append(grad)
+        for _, param in named:
+            _records.pop(param, None)
         counts = torch.tensor([float(first.unclipped), float(first.samples)], dtype=torch.float64)
         if adaptive is not None and noisy:
             counts[0] += adaptive.unclipped_num_std * torch.randn(
                 (), generator=generator, dtype=torch.float64
             )
-        if distributed:  # Σ over processes of S (+ the noise, from rank 0 only), in one reduction
-            flat = torch.cat([total.flatten() for total in sums])
+        if distributed:  # Σ over processes (the noise from rank 0 only), in one reduction; linear in S
+            flat = torch.cat([grad.flatten() for grad in grads])
             dist.all_reduce(flat)
-            sums = [
-                piece.view_as(total)
-                for piece, total in zip(flat.split([t.numel() for t in sums]), sums, strict=True)
-            ]
+            for piece, grad in zip(flat.split([g.numel() for g in grads]), grads, strict=True):
+                grad.copy_(piece.view_as(grad))
             if adaptive is not None:
                 counts = counts.to(flat.device)
                 dist.all_reduce(counts)
                 counts = counts.cpu()
-        for total, (_, param) in zip(sums, named, strict=True):
-            param.grad = total / batch_size if reduction == "mean" else total  # DP2 / DP1
-            _records.pop(param, None)
     if adaptive is not None:
         adaptive.update(counts[0].item(), int(counts[1].item()))
     optimizer.step()
