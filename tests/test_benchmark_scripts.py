@@ -134,3 +134,19 @@ def test_curvature_benchmark_runs_and_agrees_with_backpack(tmp_path):
         for quantity in ("diag_ggn_exact", "kfac"):  # exact quantities; float32
             assert row["agreement"][quantity] < 1e-5, (row["case"], quantity)
         assert all(t > 0 for t in row["median_s"].values())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("opacus") is None, reason="needs opacus")
+def test_opacus_fast_path_takes_the_twins_step(tmp_path):
+    out = tmp_path / "opacus.json"
+    run_script(
+        "benchmarks/opacus_fast_path.py",
+        *("--cases", "cnn", "--modes", "hooks,ghost", "--batch", "4", "--rounds", "1"),
+        *("--min-run-time", "0.01", "--threads", "1", "--json", str(out)),
+    )
+    rows = json.loads(out.read_text())["rows"]
+    assert [(row["case"], row["mode"]) for row in rows] == [("cnn", "hooks"), ("cnn", "ghost")]
+    for row in rows:  # one noise-free Opacus step on the fused stack leaves the twin's parameters
+        assert row["max_parameter_difference"] < 1e-6, row
+        assert row["twin_ms"] > 0 and row["fused_ms"] > 0 and row["fused_peak_bytes"] > 0
