@@ -43,7 +43,7 @@ from torch.utils.benchmark import Timer
 
 from torch_backprop import AdaptiveClipping, BackpropMLP, dp_sgd_step, per_sample
 from torch_backprop.files import write_json
-from torch_backprop.timing import machine_info
+from torch_backprop.timing import interleaved_medians, machine_info
 
 Step = Callable[[], None]
 
@@ -224,12 +224,8 @@ def noise_draws(model: BackpropMLP, threads: int, rounds: int) -> list[dict]:
         "one flat randn": lambda: torch.randn(sum(sizes), generator=generator).split(sizes),
         "normal_ into a preallocated buffer": lambda: torch.empty(sum(sizes)).normal_(generator=generator),
     }
-    rows = []
-    for name, draw in ways.items():
-        timer = Timer(stmt="draw()", globals={"draw": draw}, num_threads=threads, label=name)
-        times = [timer.blocked_autorange(min_run_time=0.2).median for _ in range(rounds)]
-        rows.append({"draw": name, "median_s": statistics.median(times), "variates": sum(sizes)})
-    return rows
+    timed = interleaved_medians(ways, rounds=rounds, min_run_time=0.2, threads=threads)  # rotated rounds
+    return [{"draw": name, "median_s": t["median_s"], "variates": sum(sizes)} for name, t in timed.items()]
 
 
 def main(argv: list[str] | None = None) -> dict:
