@@ -1,7 +1,7 @@
 """Laplace approximation of a BackpropMLP trained on real MNIST digits: MAP against the Laplace predictive.
 
 Data: the project's ``mnist-10k`` (the 10,000 official MNIST test digits, split as the ``train``
-command splits them: the first 8,000 train, the last 2,000 test), read from ``--data-root``.
+command splits them: the first 8,000 train, the last 2,000 test), shipped inside the package.
 A BackpropMLP is trained to its MAP estimate (Adam, weight decay), then laplace-torch fits a Laplace
 approximation around it with :class:`torch_backprop.laplace.BackpropGGN` as curvature backend
 (default: last-layer KFAC, laplace-torch's own recommendation; ``--subset all --structure diag``
@@ -15,9 +15,9 @@ of confidence) of the MAP model and of the Laplace predictive, and saves a relia
 
 Usage::
 
-    python examples/laplace_mnist.py --data-root DIR            # DIR holds t10k-images-idx3-ubyte, ...
-    python examples/laplace_mnist.py --data-root DIR --subset all --structure diag
-    python examples/laplace_mnist.py --data-root DIR --prior gridsearch --validation 1000
+    python examples/laplace_mnist.py                            # the digits shipped with the package
+    python examples/laplace_mnist.py --subset all --structure diag
+    python examples/laplace_mnist.py --prior gridsearch --validation 1000
     python examples/laplace_mnist.py --dataset fake --epochs 1   # synthetic images, no files, seconds
 """
 
@@ -119,7 +119,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default="mnist-10k", choices=("mnist-10k", "fake"))
     parser.add_argument(
-        "--data-root", type=Path, default=None, help="folder holding the MNIST test-set files"
+        "--data-root",
+        type=Path,
+        default=None,
+        help="a folder holding the MNIST test-set files (default: the copy shipped with the package)",
     )
     parser.add_argument("--limit-train", type=int, default=None)
     parser.add_argument("--fake-size", type=int, default=1024, help="training images of --dataset fake")
@@ -147,8 +150,6 @@ def main(argv: list[str] | None = None) -> dict:
         from torch_backprop.laplace import BackpropGGN, split_last_layer
     except ImportError:
         parser.error("this example needs laplace-torch: pip install 'torch-backprop[curvature]'")
-    if args.dataset == "mnist-10k" and args.data_root is None:
-        parser.error("--data-root DIR is required for mnist-10k (DIR holds t10k-images-idx3-ubyte, ...)")
     try:
         train, test, info = load_dataset(
             args.dataset,

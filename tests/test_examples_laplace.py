@@ -50,9 +50,17 @@ def test_metrics_on_known_probabilities() -> None:
     assert score["ece"] == pytest.approx((0.1 + 0.8 + 0.3 + 0.4) / 4)
 
 
-def test_mnist_without_a_data_root_is_a_clear_error(tmp_path: Path) -> None:
+def test_mnist_10k_reads_the_shipped_digits_without_a_data_root(tmp_path: Path) -> None:
+    example = load_example()
+    result = example.main(
+        ["--limit-train", "512", "--epochs", "3", "--hidden", "16", "--plot", str(tmp_path / "r.png")]
+    )
+    assert (result["dataset"], result["train_samples"], result["test_samples"]) == ("mnist-10k", 512, 2000)
+    assert result["map"]["accuracy"] > 0.3  # 512 real digits, 12 steps: well above chance (0.1)
+
+
+def test_an_absent_data_root_is_a_clear_error(tmp_path: Path, capsys) -> None:
     example = load_example()
     with pytest.raises(SystemExit):
-        example.main(["--epochs", "1"])
-    with pytest.raises(SystemExit):
         example.main(["--data-root", str(tmp_path / "absent"), "--epochs", "1"])
+    assert "absent" in capsys.readouterr().err
