@@ -90,7 +90,9 @@ class Activation:
         """``grad ⊙ σ'``, where ``saved`` is h or z as ``derivative_from`` says.
 
         With ``overwrite=True`` the caller owns ``grad`` (it has just made it) and the product may
-        be written into it, unless the result must be differentiable (``create_graph``).
+        be written into it, unless the result must be differentiable (``create_graph``). The
+        caller also says by it that ``grad`` is not batched (:func:`out_kernels_allowed`): the
+        check is made once per backward, not once per layer.
         """
         if self.derivative_from == "none":
             return grad
@@ -98,7 +100,7 @@ class Activation:
             if self.fused is not None and self.fused_differentiable:
                 return self.fused(grad, saved)
             return grad * self.derivative(saved)
-        if overwrite and grad.dtype == saved.dtype and not _batched(grad):
+        if overwrite and grad.dtype == saved.dtype:
             if self.fused_into is not None:
                 return self.fused_into(grad, saved)
             if self.fused is None:
@@ -132,14 +134,17 @@ class Activation:
         return (_rebuild, (self.name, tuple(self.params.items())))
 
 
-def _batched(grad: Tensor) -> bool:
-    """Whether ``grad`` is batched by vmap (torch.func, or autograd's ``is_grads_batched``).
+def out_kernels_allowed(grad: Tensor) -> bool:
+    """Whether a backward of ``grad`` may write σ' products into fresh tensors (``overwrite=True``).
 
-    The ``out=`` kernels have no batching rule, so a batched backward takes the functional ones.
+    Not when ``grad`` is batched by vmap (torch.func, or autograd's ``is_grads_batched``): the
+    ``out=`` kernels have no batching rule, so a batched backward takes the functional ones.
     """
     if torch.compiler.is_compiling():
-        return False  # traced: the compiler chooses the kernels
-    return torch._C._are_functorch_transforms_active() or torch._C._functorch.is_legacy_batchedtensor(grad)
+        return True  # traced: the compiler chooses the kernels
+    return not (
+        torch._C._are_functorch_transforms_active() or torch._C._functorch.is_legacy_batchedtensor(grad)
+    )
 
 
 def _rebuild(name: str, params: tuple[tuple[str, Any], ...]) -> Activation:

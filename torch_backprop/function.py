@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .activations import Activation
+from .activations import Activation, out_kernels_allowed
 
 __all__ = [
     "MLPFunction",
@@ -177,6 +177,7 @@ def deltas(tape: Tape, lowest: int = 0) -> Iterator[tuple[int, Tensor]]:
     A generator, so a caller can use each δ^(l+1) (for ∂W^(l), ∂b^(l)) before the next is made.
     """
     depth = len(tape.activations)
+    fresh = out_kernels_allowed(tape.grad_output)  # BP2 may write into its fresh products
     delta = tape.activations[-1].backprop(tape.grad_output, tape.sigma_prime_from[-1])  # BP1, (N, n_L)
     if delta.dtype != tape.dtype:
         delta = delta.to(tape.dtype)
@@ -188,7 +189,7 @@ def deltas(tape: Tape, lowest: int = 0) -> Iterator[tuple[int, Tensor]]:
         if tape.masks[k - 1] is not None:
             back = back * tape.masks[k - 1]
         # BP2, δ^(k): (N, n_k), written into the fresh product
-        delta = tape.activations[k - 1].backprop(back, tape.sigma_prime_from[k - 1], overwrite=True)
+        delta = tape.activations[k - 1].backprop(back, tape.sigma_prime_from[k - 1], overwrite=fresh)
 
 
 def lowest_layer(needs_x: bool, needs_weight: Sequence[bool], needs_bias: Sequence[bool]) -> int:

@@ -52,7 +52,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from .activations import zero_second_derivative
+from .activations import out_kernels_allowed, zero_second_derivative
 from .function import Stack, Tape, backward_phase, deltas, forward_phase, make_tape
 from .losses import LossSpec
 from .module import BackpropMLP
@@ -114,7 +114,7 @@ def _times_sigma_prime(tape: Tape, layer: int, F: Tensor, fresh: bool) -> Tensor
     saved = tape.sigma_prime_from[layer]
     if saved is not None:
         saved = saved.expand_as(F)
-    return tape.activations[layer].backprop(F, saved, overwrite=fresh)
+    return tape.activations[layer].backprop(F, saved, overwrite=fresh and out_kernels_allowed(F))
 
 
 def _sum_of_squares(F: Tensor) -> Tensor:
