@@ -263,7 +263,10 @@ def _load_fake(size: int, test_size: int, seed: int) -> tuple[Tensor, Tensor, Te
 
     info = DATASETS["fake"]
     splits = []
-    for count, offset in ((size, seed), (test_size, seed + 1)):
+    # FakeData draws item i from torch.manual_seed(i + random_offset): the train items take the
+    # seeds start .. start + size - 1 and the test items the next test_size, so no image is in both.
+    start = seed * (size + test_size)
+    for count, offset in ((size, start), (test_size, start + size)):
         fake = FakeData(count, image_size=info.shape, num_classes=info.num_classes, random_offset=offset)
         pairs = [(pil_to_tensor(image), label) for image, label in fake]
         images = (
@@ -293,7 +296,7 @@ def load_dataset(
         limit_train: keep only the first this many training samples.
         limit_test: keep only the first this many test samples.
         fake_size: number of training samples of ``fake`` (the test set gets a quarter, at least 1).
-        seed: the ``random_offset`` of ``fake``.
+        seed: which images ``fake`` draws (its train and test images never coincide).
 
     Returns:
         ``(train, test, info)``; features are float32 ``(N, info.in_features)``, labels int64 ``(N,)``.
