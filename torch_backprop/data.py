@@ -235,6 +235,17 @@ def _load_mnist_10k(root: Path) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return images[:split], labels[:split], images[split:], labels[split:]
 
 
+def _idx_problem(files: list[Path]) -> str | None:
+    """What is wrong with the first of ``files`` that is not a readable IDX file, or None."""
+    for path in files:
+        if path.exists():
+            try:
+                read_idx(path)
+            except (OSError, ValueError) as error:
+                return str(error)
+    return None
+
+
 def _load_torchvision(name: str, root: Path, download: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     import torchvision.datasets
 
@@ -248,6 +259,8 @@ def _load_torchvision(name: str, root: Path, download: bool) -> tuple[Tensor, Te
         reason = f"{type(error).__name__}: {lines[0].rstrip(':') if lines else ''}"
         if len(lines) > 1:  # torchvision lists each mirror it tried; the last error says why
             reason += f" ({lines[-1]})"
+        if not lines and name != "cifar10":  # torchvision's IDX reader asserts with no message
+            reason = _idx_problem(expected_files(name, root)) or reason
         raise _failure(name, root, reason) from None
     return (
         _as_nchw(train.data),
