@@ -208,6 +208,21 @@ def _check_every_file_loads(out: Path) -> None:
         BackpropMLP([784, 8, 10]).load_state_dict(state)
 
 
+def test_sigterm_ends_the_run_cleanly_and_it_resumes(tmp_path):
+    out = tmp_path / "run"
+    process = _command(*FAKE, "--epochs", "500", "--out", str(out))
+    deadline = time.monotonic() + 120
+    while _epochs_in_checkpoint(out) < 2:
+        assert time.monotonic() < deadline and process.poll() is None, "no epoch written"
+        time.sleep(0.02)
+    process.terminate()
+    assert process.wait(timeout=60) == 128 + signal.SIGTERM
+    assert "torch-backprop train: terminated" in process.stderr.read().decode()
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "metrics.json", "model.pt"]  # no lock
+    _check_every_file_loads(out)
+    assert main([*FAKE, "--epochs", str(_epochs_in_checkpoint(out) + 1), "--resume", str(out)]) == 0
+
+
 @pytest.mark.slow
 def test_kill_9_at_random_moments_then_resume_ends_as_an_uninterrupted_run(tmp_path):
     options = [*FAKE, "--epochs", "40", "--optimizer", "sgd", "--lr", "0.05", "--lr-schedule", "cosine"]

@@ -9,7 +9,9 @@ This file parses and checks the options and reports errors; the training is
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import torch.distributed as dist
@@ -170,8 +172,18 @@ def validate(args: argparse.Namespace) -> None:
         checkpoint.check_out(args.out)
 
 
+class _Terminated(BaseException):
+    """SIGTERM, raised where the run is, so that its files and its lock are left in order."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise _Terminated
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the ``train`` command; returns the exit status."""
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:
         validate(args)
         fit(args)
@@ -181,7 +193,12 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("torch-backprop train: interrupted", file=sys.stderr)
         return 130
+    except _Terminated:
+        print("torch-backprop train: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
     return 0
