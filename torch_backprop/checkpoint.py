@@ -1,7 +1,7 @@
 """The files of a training run: checkpoint state for ``--resume``, ``model.pt``, ``metrics.json``, curves.
 
 After every epoch rank 0 writes, each atomically (:mod:`torch_backprop.files`), ``checkpoint.pt``
-(every backend's model, optimiser, schedule and scaler state, the RNG state, the history and the
+(every backend's model, optimiser and scaler state, the RNG state, the history and the
 run's options), then ``model.pt`` (a ``BackpropMLP`` state_dict, whichever backend trained it) and
 ``metrics.json`` (the options and every epoch's figures); at the end ``curves.png``. A crash
 between two epochs leaves the previous epoch's files, from which ``--resume`` continues exactly.
