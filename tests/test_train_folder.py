@@ -102,6 +102,9 @@ def test_resume_with_nothing_left_to_train_says_so(tmp_path, capsys):
     assert "nothing to train" in printed and "2 epoch(s) done" in printed and "--epochs 3" in printed
     assert "wrote" not in printed
     assert figures(out) == before
+    (out / "curves.png").unlink()  # as when a kill cuts the last epoch's drawing short
+    assert main([*FAKE, "--epochs", "2", "--resume", str(out)]) == 0
+    assert (out / "curves.png").stat().st_size > 0
 
 
 def test_resume_into_another_folder_writes_all_three_files_of_the_checkpoint(tmp_path):
@@ -251,4 +254,5 @@ def test_kill_9_at_random_moments_then_resume_ends_as_an_uninterrupted_run(tmp_p
     assert figures(killed) == figures(straight)
     assert_same_model(killed, straight)
     assert _epochs_in_checkpoint(killed) == 40
-    assert sorted(p.name for p in killed.iterdir()) == sorted(p.name for p in straight.iterdir())
+    left = sorted(p.name for p in killed.iterdir())
+    assert left == sorted(p.name for p in straight.iterdir()), left

@@ -307,6 +307,8 @@ def fit(args: argparse.Namespace) -> None:
             # model.pt and metrics.json may lag the checkpoint by an epoch after a kill
             checkpoint.rewrite_outputs(out, saved, with_checkpoint=out.resolve() != args.resume.resolve())
         if saved is not None and saved["epoch"] >= args.epochs:
+            if out is not None:  # a kill may have cut the last run short while it drew the curves
+                checkpoint.write_curves(out, saved["history"], list(saved["trainees"]))
             group.print(
                 f"nothing to train: {args.resume / checkpoint.CHECKPOINT} has {saved['epoch']} epoch(s) "
                 f"done and --epochs is {args.epochs}; pass --epochs {saved['epoch'] + 1} or more to continue"
