@@ -15,7 +15,7 @@ import pytest
 import torch
 from _train_helpers import ROOT
 
-from torch_backprop import BackpropMLP, checkpoint
+from torch_backprop import BackpropMLP, checkpoint, training
 from torch_backprop.cli import main
 
 FAKE = ["train", "--dataset", "fake", "--fake-size", "64", "--hidden", "8", "--batch-size", "16"]
@@ -105,6 +105,27 @@ def test_resume_with_nothing_left_to_train_says_so(tmp_path, capsys):
     (out / "curves.png").unlink()  # as when a kill cuts the last epoch's drawing short
     assert main([*FAKE, "--epochs", "2", "--resume", str(out)]) == 0
     assert (out / "curves.png").stat().st_size > 0
+
+
+def test_resume_rewrites_model_and_metrics_that_lag_the_checkpoint(tmp_path, monkeypatch):
+    out, lagging = tmp_path / "run", tmp_path / "epoch1"
+    assert main([*FAKE, "--epochs", "1", "--out", str(out)]) == 0
+    lagging.mkdir()
+    for name in ("model.pt", "metrics.json"):
+        (lagging / name).write_bytes((out / name).read_bytes())
+    assert main([*FAKE, "--epochs", "2", "--resume", str(out)]) == 0
+    for name in ("model.pt", "metrics.json"):  # as a kill right after checkpoint.pt leaves them
+        (out / name).write_bytes((lagging / name).read_bytes())
+
+    def die(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "_train_epoch", die)
+    assert main([*FAKE, "--epochs", "3", "--resume", str(out)]) == 130  # dies before training epoch 3
+    saved = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert saved["epoch"] == 2 and len(metrics(out)["epochs"]) == 2
+    model = torch.load(out / "model.pt", weights_only=True)
+    assert all(torch.equal(model[k], v) for k, v in saved["trainees"]["manual"]["model"].items())
 
 
 def test_resume_into_another_folder_writes_all_three_files_of_the_checkpoint(tmp_path):
