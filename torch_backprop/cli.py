@@ -11,6 +11,7 @@ import importlib
 import math
 import sys
 from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 __all__ = ["ConfigError", "main", "number", "positive_ints"]
 
@@ -82,10 +83,17 @@ def number(
     return parse
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error in one line instead of the whole usage block first."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` and run the chosen subcommand; returns its exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="torch-backprop", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="torch-backprop", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
