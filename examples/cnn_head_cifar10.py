@@ -46,7 +46,14 @@ def make_loader(fake: bool, data_root: str, batch_size: int, steps: int) -> torc
     if fake:
         dataset = torchvision.datasets.FakeData(steps * batch_size, (3, 32, 32), 10, transform=transform)
     else:
-        dataset = torchvision.datasets.CIFAR10(data_root, train=True, download=True, transform=transform)
+        try:
+            dataset = torchvision.datasets.CIFAR10(data_root, train=True, download=True, transform=transform)
+        except (OSError, RuntimeError) as error:  # offline: every download mirror failed
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise SystemExit(
+                f"cnn_head_cifar10.py: cannot load CIFAR-10 into {data_root} ({reason}); "
+                "offline, run with --fake"
+            ) from None
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True)
 
 

@@ -36,7 +36,13 @@ def make_loader(fake: bool, data_root: str, batch_size: int, steps: int) -> torc
     if fake:
         dataset = torchvision.datasets.FakeData(steps * batch_size, (1, 28, 28), 10, transform=transform)
     else:
-        dataset = torchvision.datasets.MNIST(data_root, train=True, download=True, transform=transform)
+        try:
+            dataset = torchvision.datasets.MNIST(data_root, train=True, download=True, transform=transform)
+        except (OSError, RuntimeError) as error:  # offline: every download mirror failed
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise SystemExit(
+                f"drop_in.py: cannot load MNIST into {data_root} ({reason}); offline, run with --fake"
+            ) from None
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True)
 
 

@@ -11,7 +11,7 @@ from benchmark_checks import check_report, check_table
 
 from torch_backprop import benchmark
 from torch_backprop.cli import main
-from torch_backprop.report import format_table, plot_ratios
+from torch_backprop.report import format_table, impossible_ratios, plot_ratios
 
 
 def test_command_line_prints_the_table_and_writes_json_and_plot(tmp_path, capsys) -> None:
@@ -69,3 +69,23 @@ def test_cuda_without_cuda_is_refused(monkeypatch, capsys) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert main(["bench", "--quick", "--device", "cuda"]) == 2
     assert "--device cuda was asked for, but CUDA is not available here" in capsys.readouterr().err
+
+
+def test_an_impossible_floor_ratio_is_warned_about(monkeypatch, capsys) -> None:
+    settings = benchmark.Settings(
+        shapes=[((8, 16, 10), 16), ((8, 8, 2), 4)],
+        activations=["relu"],
+        rounds=2,
+        min_run_time=1e-3,
+        compile=False,
+    )
+    report = benchmark.run_benchmark(settings)
+    busy, quiet = report["cases"]
+    busy["ratios"]["floor/manual"], quiet["ratios"]["floor/manual"] = 1.08, 0.5  # as seen under load
+    warnings = impossible_ratios(report)
+    assert len(warnings) == 1 and busy["name"] in warnings[0] and "1.080 > 1" in warnings[0]
+    monkeypatch.setattr("torch_backprop.bench.run_benchmark", lambda settings, log: report)
+    assert main(["bench", "--quick"]) == 0
+    err = capsys.readouterr().err
+    assert f"torch-backprop bench: warning: {busy['name']}: floor/manual 1.080 > 1" in err
+    assert quiet["name"] + ":" not in err

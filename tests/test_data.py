@@ -56,6 +56,16 @@ def test_fake_is_deterministic_and_shaped():
     assert set(a_train.tensors[1].tolist()) <= set(range(10))
 
 
+@pytest.mark.parametrize("seed", [0, 1, 5])
+def test_fake_test_set_shares_no_image_with_the_training_set(seed):
+    train, test, _ = load_dataset("fake", fake_size=64, seed=seed)
+    train_x, test_x = train.tensors[0], test.tensors[0]
+    assert len(test) == 16
+    assert not torch.equal(test_x[0], train_x[1])  # torchvision seeds item i with i + offset: no shift by one
+    # every test image against every training image: the nearest one is far (they are random draws)
+    assert torch.cdist(test_x, train_x).min() > 1.0
+
+
 def test_download_failure_is_one_clear_message(tmp_path, monkeypatch):
     def offline(self):
         raise RuntimeError(
@@ -80,6 +90,28 @@ def test_corrupt_files_are_one_clear_message(tmp_path):
     with pytest.raises(DataError, match="could not be read") as caught:
         load_dataset("mnist", tmp_path)
     assert "--dataset fake" in str(caught.value)
+
+
+def test_random_bytes_in_place_of_an_idx_file_say_why(tmp_path):
+    raw = write_synthetic_mnist(tmp_path, train=8, test=8)
+    (raw / "train-labels-idx1-ubyte").write_bytes(bytes(range(7, 250)) * 10)
+    with pytest.raises(DataError) as caught:
+        load_dataset("mnist", tmp_path)
+    message = str(caught.value)
+    assert "train-labels-idx1-ubyte: not a uint8 IDX file (header 0708090a)" in message
+    assert "AssertionError: \n" not in message
+
+
+def test_a_cut_short_mnist_10k_copy_gets_no_advice_to_download(tmp_path):
+    for name in MNIST_10K_SHA256:
+        shutil.copy(shipped_mnist_10k() / name, tmp_path / name)
+    image_file = tmp_path / next(iter(MNIST_10K_SHA256))
+    image_file.write_bytes(image_file.read_bytes()[:5000])
+    with pytest.raises(DataError) as caught:
+        load_dataset("mnist-10k", tmp_path)
+    message = str(caught.value)
+    assert "is not the official MNIST file" in message and "download" not in message
+    assert "leave out --data-root" in message
 
 
 def test_cifar10_missing_without_download(tmp_path):

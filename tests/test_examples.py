@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import copy
 import math
+import urllib.error
 
+import pytest
 import torch
+import torchvision.datasets.cifar
+import torchvision.datasets.mnist
 from _train_helpers import load_example
 
 from torch_backprop.testing import assert_gradients_match
@@ -51,3 +55,24 @@ def test_black_scholes_price_and_fit(capsys):
     assert example.main(["--steps", "3"]) == 0
     assert "test RMSE" in capsys.readouterr().out
     assert math.isfinite(result["centre_predicted"])
+
+
+@pytest.mark.parametrize(
+    "example, module, dataset",
+    [
+        ("drop_in", torchvision.datasets.mnist, "MNIST"),
+        ("cnn_head_cifar10", torchvision.datasets.cifar, "CIFAR-10"),
+    ],
+)
+def test_examples_without_fake_say_in_one_line_when_offline(
+    example, module, dataset, tmp_path, monkeypatch, capsys
+):
+    def offline(*args, **kwargs):  # what torchvision's download meets without a network
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(module, "download_and_extract_archive", offline)
+    with pytest.raises(SystemExit) as exited:
+        load_example(example).main(["--data-root", str(tmp_path), "--steps", "1"])
+    message = str(exited.value.code)
+    assert message.startswith(f"{example}.py: cannot load {dataset} into {tmp_path}")
+    assert message.endswith("offline, run with --fake") and "\n" not in message

@@ -298,3 +298,36 @@ def test_parametrized_and_reassigned_weights_are_the_ones_used():
     parametrize.register_parametrization(model.layers[0], "weight", _Double())
     parametrize.register_parametrization(native[0], "weight", _Double())
     assert_matches_native(model, torch.randn(6, 5, dtype=torch.float64), twin=native)
+
+
+@pytest.mark.parametrize(
+    "activation, dropout, bias",
+    [("relu", 0.0, True), (["tanh", "identity"], 0.3, True), ("identity", 0.0, False)],
+    ids=["relu", "tanh-identity-dropout", "identity-nobias"],
+)
+def test_state_dict_converts_to_and_from_the_twins_keys(tmp_path, activation, dropout, bias):
+    torch.manual_seed(0)
+    model = BackpropMLP([5, 4, 3, 2], activation=activation, dropout=dropout, bias=bias)
+    twin_state = model.to_sequential().state_dict()  # the reference: the twin's own keys and values
+    converted = model.state_dict_to_sequential()
+    assert list(converted) == list(twin_state)
+    assert all(torch.equal(converted[k], twin_state[k]) for k in twin_state)
+    back = model.state_dict_from_sequential(twin_state)
+    assert list(back) == list(model.state_dict())
+    assert all(torch.equal(back[k], v) for k, v in model.state_dict().items())
+    # a saved model.pt into a freshly built twin (other weights): same outputs as the model
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    fresh = BackpropMLP([5, 4, 3, 2], activation=activation, dropout=dropout, bias=bias).to_sequential()
+    fresh.load_state_dict(
+        model.state_dict_to_sequential(torch.load(tmp_path / "model.pt", weights_only=True))
+    )
+    x = torch.randn(7, 5)
+    torch.testing.assert_close(fresh.eval()(x), model.eval()(x), rtol=0, atol=0)
+
+
+def test_state_dict_conversion_refuses_foreign_keys():
+    model = BackpropMLP([5, 4, 2])
+    with pytest.raises(
+        ValueError, match=r"expected the state_dict keys of to_sequential\(\).*got \['1.weight'\]"
+    ):
+        model.state_dict_from_sequential({"0.weight": torch.zeros(4, 5), "1.weight": torch.zeros(2, 4)})

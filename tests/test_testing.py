@@ -83,3 +83,21 @@ def test_format_table_aligns_and_underlines():
         "∂W^(0)  (5, 4)  1.0e-03",
         "∂x      (3,)          2",
     ]
+
+
+def test_a_mismatch_under_active_dropout_hints_at_eval():
+    torch.manual_seed(0)
+    model = BackpropMLP([6, 5, 3], dropout=0.5)
+    x = torch.randn(8, 6)
+    with pytest.raises(AssertionError, match=r"hint: dropout is active.*call \.eval\(\)"):
+        assert_gradients_match(model, model.to_sequential(), x)
+    errors = assert_gradients_match(model.eval(), model.to_sequential(), x)  # the hint's advice works
+    assert all(e.max_abs <= 1e-5 for e in errors)
+
+
+def test_a_mismatch_without_dropout_gives_no_hint():
+    model = BackpropMLP([6, 5, 3])
+    reference = BackpropMLP([6, 5, 3]).to_sequential()  # other weights
+    with pytest.raises(AssertionError) as caught:
+        assert_gradients_match(model, reference, torch.randn(4, 6))
+    assert "hint" not in str(caught.value)

@@ -283,3 +283,15 @@ def test_real_mnist_10k_one_epoch(tmp_path):
     rows = metrics(out)["epochs"]
     assert rows[0]["manual"]["test_accuracy"] > 0.8  # chance is 0.1; real digits, 2,000 for training
     assert metrics(out)["config"]["limit_train"] == 2000
+
+
+def test_fake_test_accuracy_stays_at_chance_after_memorising_the_training_set(tmp_path):
+    # Random images with random labels: nothing carries over to unseen images, so test accuracy is
+    # chance (0.1; sd 0.027 over 128 test images), however well the training set is learnt. When the
+    # test set was the training set shifted by one image it rose with the training accuracy.
+    out = tmp_path / "fake"
+    options = "--dataset fake --fake-size 512 --hidden 128 --batch-size 32 --epochs 6 --lr 3e-3".split()
+    assert main(["train", *options, "--out", str(out)]) == 0
+    last = metrics(out)["epochs"][-1]["manual"]
+    assert last["train_loss"] < 0.5  # memorised (chance: ln 10 = 2.3)
+    assert last["test_accuracy"] < 0.25

@@ -25,7 +25,7 @@ from .benchmark import (
 )
 from .devices import select_device
 from .files import write_json
-from .report import format_table, plot_ratios
+from .report import format_table, impossible_ratios, plot_ratios
 from .timing import TIMERS
 
 __all__ = ["add_arguments", "run", "settings_from_args"]
@@ -134,6 +134,8 @@ def run(args: argparse.Namespace) -> int:
         f"torch {machine['torch']}; {settings.timer} time, medians of {settings.rounds} interleaved rounds\n"
     )
     print(format_table(report))
+    for warning in impossible_ratios(report):
+        print(f"torch-backprop bench: {warning}", file=sys.stderr)
     if args.json:
         write_json(report, args.json, allow_nan=False)
     if args.plot:

@@ -1,23 +1,39 @@
 """The files of a training run: checkpoint state for ``--resume``, ``model.pt``, ``metrics.json``, curves.
 
 After every epoch rank 0 writes, each atomically (:mod:`torch_backprop.files`), ``checkpoint.pt``
-(every backend's model, optimiser, schedule and scaler state, the RNG state, the history and the
+(every backend's model, optimiser and scaler state, the RNG state, the history and the
 run's options), then ``model.pt`` (a ``BackpropMLP`` state_dict, whichever backend trained it) and
 ``metrics.json`` (the options and every epoch's figures); at the end ``curves.png``. A crash
 between two epochs leaves the previous epoch's files, from which ``--resume`` continues exactly.
+
+:class:`RunFolder` holds ``--out`` for the whole run: a lock file (``.lock``, holding the pid)
+under ``fcntl.flock``, released by the kernel when the process dies, so a second run into the
+folder fails at once and a killed run's lock is no obstacle; the temporary files of a write that a
+kill cut short are removed; a folder holding another run's checkpoint is replaced only with
+``--overwrite``. On ``--resume``, ``model.pt`` and ``metrics.json`` are rewritten from the checkpoint
+before training, so the three files describe the same epoch again.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import platform
 from pathlib import Path
+from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .cli import ConfigError
-from .files import write_figure, write_json, write_torch
+from .files import remove_temporaries, write_figure, write_json, write_torch
+from .module import BackpropMLP
+
+try:
+    import fcntl
+except ImportError:  # Windows: no lock
+    fcntl = None  # type: ignore[assignment]
 
 if TYPE_CHECKING:
     from .training import Trainee
@@ -28,8 +44,11 @@ __all__ = [
     "METRICS",
     "MODEL",
     "RESUME_KEYS",
+    "RunFolder",
+    "check_out",
     "load_checkpoint",
     "restore",
+    "rewrite_outputs",
     "run_config",
     "write_curves",
     "write_epoch",
@@ -39,6 +58,9 @@ CHECKPOINT = "checkpoint.pt"
 MODEL = "model.pt"
 METRICS = "metrics.json"
 CURVES = "curves.png"
+LOCK = ".lock"
+RUN_FILES = (CHECKPOINT, MODEL, METRICS, CURVES)
+_SAVED_KEYS = ("epoch", "config", "history", "rng", "trainees")
 
 # Options that must agree between a run and its --resume (the rest, e.g. --epochs, may change).
 RESUME_KEYS = (
@@ -67,12 +89,25 @@ def load_checkpoint(directory: Path, args: argparse.Namespace) -> dict[str, Any]
     """``directory/checkpoint.pt``, after checking that ``args`` repeats the options it was made with.
 
     Raises:
-        ConfigError: no checkpoint there, or options in :data:`RESUME_KEYS` that differ.
+        ConfigError: no checkpoint there, a file that is not one (empty, corrupt, foreign), or
+            options in :data:`RESUME_KEYS` that differ.
     """
     path = directory / CHECKPOINT
     if not path.is_file():
         raise ConfigError(f"--resume {directory}: no {CHECKPOINT} there")
-    saved = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch's message for a foreign file is long and its advice wrong here
+        what = "it is empty" if path.stat().st_size == 0 else "not a torch.save file, or cut short"
+        raise ConfigError(
+            f"--resume {directory}: {path} is not a readable checkpoint ({what}: {type(error).__name__})"
+        ) from None
+    missing = [key for key in _SAVED_KEYS if not isinstance(saved, dict) or key not in saved]
+    if missing or not isinstance(saved["config"], dict) or not isinstance(saved["epoch"], int):
+        raise ConfigError(
+            f"--resume {directory}: {path} is a torch file but not a train checkpoint "
+            f"(expected the keys {', '.join(_SAVED_KEYS)}, missing {', '.join(missing) or 'none'})"
+        )
     differ = [
         f"--{key.replace('_', '-')} {saved['config'].get(key)!r} -> {getattr(args, key)!r}"
         for key in RESUME_KEYS
@@ -88,13 +123,133 @@ def load_checkpoint(directory: Path, args: argparse.Namespace) -> dict[str, Any]
 def restore(
     saved: dict[str, Any], trainees: list[Trainee], device: torch.device
 ) -> tuple[list[dict[str, Any]], int]:
-    """Load every trainee's state and the RNG state; returns (history so far, epochs done)."""
-    for trainee in trainees:
-        trainee.load_state(saved["trainees"][trainee.name])
-    torch.set_rng_state(saved["rng"]["torch"])
+    """Load every trainee's state and the RNG state; returns (history so far, epochs done).
+
+    Raises:
+        ConfigError: the checkpoint's states do not fit the run's models.
+    """
+    try:
+        for trainee in trainees:
+            trainee.load_state(saved["trainees"][trainee.name])
+        torch.set_rng_state(saved["rng"]["torch"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ConfigError(f"--resume: the checkpoint's states do not fit this run ({reason})") from None
     if device.type == "cuda" and saved["rng"].get("cuda") is not None:
         torch.cuda.set_rng_state(saved["rng"]["cuda"], device)
     return saved["history"], saved["epoch"]
+
+
+def rewrite_outputs(out: Path, saved: dict[str, Any], *, with_checkpoint: bool) -> None:
+    """``model.pt`` and ``metrics.json`` (and ``checkpoint.pt`` when asked) as of the checkpoint's epoch."""
+    config = saved["config"]
+    first, states = next(iter(saved["trainees"].items()))
+    state = states["model"]
+    if first != "manual":  # the native twin's keys: model.pt holds BackpropMLP's
+        model = BackpropMLP(config["sizes"], activation=config["activation"], dropout=config["dropout"])
+        state = model.state_dict_from_sequential(state)
+    if with_checkpoint:
+        write_torch(saved, out / CHECKPOINT)
+    write_torch(state, out / MODEL)
+    write_json({"config": config, "epochs": saved["history"]}, out / METRICS)
+
+
+def check_out(out: Path) -> None:
+    """Check that ``--out`` is, or can be made, a writable folder; nothing is created.
+
+    Raises:
+        ConfigError: ``out`` is a file, lies below a file, or its folder is not writable.
+    """
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out expected a folder, got the file {out}")
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"--out expected a folder, got {out}, below the file {existing}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out expected a writable folder, got {out} ({existing} is not writable)")
+
+
+class RunFolder:
+    """``--out`` held for one run (rank 0): locked, cleaned of killed writes, not replaced by mistake.
+
+    Args:
+        out: the folder, or None for a run that writes nothing.
+        resume: the ``--resume`` folder, or None; a checkpoint in ``out`` is this run's only if they agree.
+        overwrite: remove another run's files from ``out`` instead of refusing.
+
+    Raises (on entering):
+        ConfigError: another live run holds ``out``, ``out`` cannot be written, or it holds another
+            run's checkpoint without ``overwrite``.
+    """
+
+    def __init__(self, out: Path | None, *, resume: Path | None, overwrite: bool) -> None:
+        self.out, self.resume, self.overwrite = out, resume, overwrite
+        self._fd: int | None = None
+        self._created = False
+
+    def __enter__(self) -> RunFolder:
+        if self.out is None:
+            return self
+        self._created = not self.out.exists()
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self._lock()
+        except OSError as error:
+            self.__exit__(None, None, None)
+            raise ConfigError(f"--out {self.out}: cannot write there ({error.strerror or error})") from None
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        remove_temporaries(self.out, RUN_FILES)
+        ours = self.resume is not None and self.resume.resolve() == self.out.resolve()
+        if (self.out / CHECKPOINT).exists() and not ours:
+            if not self.overwrite:
+                self.__exit__(None, None, None)
+                raise ConfigError(
+                    f"--out {self.out} holds another run's {CHECKPOINT}: pass --resume {self.out} to "
+                    "continue it, or --overwrite to replace it"
+                )
+            for name in RUN_FILES:
+                with contextlib.suppress(FileNotFoundError):
+                    (self.out / name).unlink()
+        return self
+
+    def _lock(self) -> None:
+        if fcntl is None:
+            return
+        path = self.out / LOCK
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise ConfigError(
+                    f"--out {self.out} is in use by another run (pid {holder}, see {path}); wait for it "
+                    "to end or choose another --out"
+                ) from None
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(path).st_ino == os.fstat(fd).st_ino:  # not unlinked by its last holder meanwhile
+                    break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.out / LOCK)
+            os.close(self._fd)
+            self._fd = None
+        if self._created:
+            with contextlib.suppress(OSError):
+                self.out.rmdir()  # only when empty: a run that failed before writing anything
 
 
 def write_epoch(

@@ -235,6 +235,17 @@ def _load_mnist_10k(root: Path) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return images[:split], labels[:split], images[split:], labels[split:]
 
 
+def _idx_problem(files: list[Path]) -> str | None:
+    """What is wrong with the first of ``files`` that is not a readable IDX file, or None."""
+    for path in files:
+        if path.exists():
+            try:
+                read_idx(path)
+            except (OSError, ValueError) as error:
+                return str(error)
+    return None
+
+
 def _load_torchvision(name: str, root: Path, download: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     import torchvision.datasets
 
@@ -248,6 +259,8 @@ def _load_torchvision(name: str, root: Path, download: bool) -> tuple[Tensor, Te
         reason = f"{type(error).__name__}: {lines[0].rstrip(':') if lines else ''}"
         if len(lines) > 1:  # torchvision lists each mirror it tried; the last error says why
             reason += f" ({lines[-1]})"
+        if not lines and name != "cifar10":  # torchvision's IDX reader asserts with no message
+            reason = _idx_problem(expected_files(name, root)) or reason
         raise _failure(name, root, reason) from None
     return (
         _as_nchw(train.data),
@@ -263,7 +276,10 @@ def _load_fake(size: int, test_size: int, seed: int) -> tuple[Tensor, Tensor, Te
 
     info = DATASETS["fake"]
     splits = []
-    for count, offset in ((size, seed), (test_size, seed + 1)):
+    # FakeData draws item i from torch.manual_seed(i + random_offset): the train items take the
+    # seeds start .. start + size - 1 and the test items the next test_size, so no image is in both.
+    start = seed * (size + test_size)
+    for count, offset in ((size, start), (test_size, start + size)):
         fake = FakeData(count, image_size=info.shape, num_classes=info.num_classes, random_offset=offset)
         pairs = [(pil_to_tensor(image), label) for image, label in fake]
         images = (
@@ -293,7 +309,7 @@ def load_dataset(
         limit_train: keep only the first this many training samples.
         limit_test: keep only the first this many test samples.
         fake_size: number of training samples of ``fake`` (the test set gets a quarter, at least 1).
-        seed: the ``random_offset`` of ``fake``.
+        seed: which images ``fake`` draws (its train and test images never coincide).
 
     Returns:
         ``(train, test, info)``; features are float32 ``(N, info.in_features)``, labels int64 ``(N,)``.

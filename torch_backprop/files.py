@@ -8,16 +8,19 @@ crash, sees the old file or the new one, never a half-written one.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO, Any
 
 import torch
 
-__all__ = ["atomic_write", "write_figure", "write_json", "write_torch"]
+_SUFFIX = ".tmp"
+
+__all__ = ["atomic_write", "remove_temporaries", "write_figure", "write_json", "write_torch"]
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], Any]) -> None:
@@ -32,7 +35,7 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], Any]
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_SUFFIX)
     try:
         with os.fdopen(fd, "wb") as file:
             write(file)
@@ -44,6 +47,23 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], Any]
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
         raise
+
+
+def remove_temporaries(directory: str | os.PathLike[str], names: Iterable[str]) -> list[Path]:
+    """Remove the temporary files that :func:`atomic_write` of ``names`` left in ``directory`` when killed.
+
+    Call it only while no other process writes there (the train command holds a lock on the folder).
+
+    Returns:
+        The files removed.
+    """
+    removed = []
+    for name in names:
+        for temporary in Path(directory).glob(f".{glob.escape(name)}.*{_SUFFIX}"):
+            with contextlib.suppress(FileNotFoundError):
+                temporary.unlink()
+                removed.append(temporary)
+    return removed
 
 
 def _umask() -> int:

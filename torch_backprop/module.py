@@ -8,7 +8,7 @@ it runs :func:`torch_backprop.functional.mlp`, whose backward is the slides' bac
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -285,6 +285,42 @@ class BackpropMLP(nn.Module):
                 modules.append(nn.Dropout(self.dropout))
         return nn.Sequential(*modules).train(self.training)
 
+    def state_dict_to_sequential(self, state: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """``state`` (default: this model's ``state_dict()``) under the keys of :meth:`to_sequential`.
+
+        ``layers.k.weight`` becomes the key of the k-th ``nn.Linear`` in the twin (``"2.weight"``
+        when a ReLU sits between), so a saved ``model.pt`` loads into the native twin:
+        ``twin.load_state_dict(model.state_dict_to_sequential(torch.load("model.pt")))``.
+
+        Raises:
+            ValueError: a key that is not one of this model's parameters.
+        """
+        state = self.state_dict() if state is None else state
+        names = {
+            f"layers.{k}.{kind}": f"{index}.{kind}" for k, index in self._twin_indices() for kind in _KINDS
+        }
+        return _renamed(state, names, "BackpropMLP")
+
+    def state_dict_from_sequential(self, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The inverse of :meth:`state_dict_to_sequential`: a twin's ``state_dict`` under this model's keys.
+
+        Raises:
+            ValueError: a key that is not a parameter of this model's twin.
+        """
+        names = {
+            f"{index}.{kind}": f"layers.{k}.{kind}" for k, index in self._twin_indices() for kind in _KINDS
+        }
+        return _renamed(state, names, "to_sequential()")
+
+    def _twin_indices(self) -> list[tuple[int, int]]:
+        """(k, index of the k-th nn.Linear in :meth:`to_sequential`), built as that method builds it."""
+        indices, position = [], 0
+        for k, act in enumerate(self.activations):
+            indices.append((k, position))
+            has_dropout = bool(self.dropout) and k < len(self.layers) - 1
+            position += 1 + (act.name != "identity") + has_dropout
+        return indices
+
     @classmethod
     def from_sequential(cls, sequential: nn.Sequential, *, recompute: bool = False) -> BackpropMLP:
         """A BackpropMLP equal to ``sequential``.
@@ -367,3 +403,13 @@ class BackpropMLP(nn.Module):
                     layer.bias.copy_(linear.bias)
                     layer.bias.requires_grad_(linear.bias.requires_grad)
         return model.train(sequential.training)
+
+
+_KINDS = ("weight", "bias")
+
+
+def _renamed(state: Mapping[str, Tensor], names: dict[str, str], layout: str) -> dict[str, Tensor]:
+    unknown = [key for key in state if key not in names]
+    if unknown:
+        raise ValueError(f"expected the state_dict keys of {layout} ({', '.join(names)}), got {unknown}")
+    return {names[key]: value for key, value in state.items()}

@@ -14,7 +14,7 @@ from typing import Any
 from .benchmark import RATIOS
 from .files import write_figure
 
-__all__ = ["TABLE_COLUMNS", "format_table", "plot_ratios"]
+__all__ = ["TABLE_COLUMNS", "format_table", "impossible_ratios", "plot_ratios"]
 
 
 def _ms(seconds: float | None) -> str:
@@ -71,6 +71,22 @@ def format_table(report: dict[str, Any]) -> str:
         row = ["**median**", *[""] * 5, *(_x(medians[key]) for key in RATIOS), *[""] * (len(columns) - 10)]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
+
+
+def impossible_ratios(report: dict[str, Any]) -> list[str]:
+    """A warning per case whose floor/manual ratio exceeds 1, which no quiet measurement can give.
+
+    The floor (the step's matrix multiplies alone) is part of the manual step, so it cannot take
+    longer: a ratio above 1 means the machine was busy during the rounds, and the case's other
+    ratios are suspect too.
+    """
+    return [
+        f"warning: {c['name']}: floor/manual {c['ratios']['floor/manual']:.3f} > 1, impossible as the "
+        "floor is part of the step: the machine was busy while measuring; re-run on an idle machine "
+        "or with more --rounds"
+        for c in report["cases"]
+        if (c["ratios"].get("floor/manual") or 0) > 1
+    ]
 
 
 def plot_ratios(report: dict[str, Any], path: str | os.PathLike[str]) -> None:

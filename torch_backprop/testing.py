@@ -201,8 +201,25 @@ def assert_gradients_match(
         if not torch.isclose(actual.double(), expected.double(), rtol=rtol, atol=atol).all()
     ]
     if bad:
+        active = _active_dropout(model) + _active_dropout(reference)
+        hint = (
+            f"\nhint: dropout is active in training mode ({', '.join(active)}), so the two sides draw "
+            "different masks: call .eval() on both (or use dropout=0) before comparing them"
+            if active
+            else ""
+        )
         raise AssertionError(
             f"gradients differ beyond rtol={rtol}, atol={atol} (mismatched: {', '.join(bad)}):\n"
-            f"{error_table(errors)}"
+            f"{error_table(errors)}{hint}"
         )
     return errors
+
+
+def _active_dropout(module: nn.Module) -> list[str]:
+    """The modules that drop at random as they are now: nn.Dropout(p > 0) or a dropout > 0 attribute."""
+    found = []
+    for name, sub in module.named_modules():
+        rate = sub.p if isinstance(sub, nn.modules.dropout._DropoutNd) else getattr(sub, "dropout", 0)
+        if sub.training and isinstance(rate, float) and rate > 0:
+            found.append(f"{name or type(sub).__name__}: {type(sub).__name__} {rate:g}")
+    return found

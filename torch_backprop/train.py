@@ -9,13 +9,16 @@ This file parses and checks the options and reports errors; the training is
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import torch.distributed as dist
 
+from . import checkpoint
 from .activations import available_activations
-from .cli import ConfigError, positive_ints
+from .cli import ConfigError, number, positive_ints
 from .data import DATASETS, DataError, default_data_root
 from .training import fit
 
@@ -23,7 +26,14 @@ __all__ = ["add_arguments", "run", "validate"]
 
 
 def _int_list(text: str) -> list[int]:
-    return positive_ints(text, what="widths", example="256,128")
+    return positive_ints(text, what="widths", example="256,128", at_least=1)
+
+
+_COUNT = number(int, low=1)  # epochs, samples, batch size, step size
+_NON_NEGATIVE_INT = number(int, low=0)
+_NON_NEGATIVE = number(float, low=0)
+_POSITIVE = number(float, low=0, low_open=True)
+_FRACTION = number(float, low=0, high=1, high_open=True)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,19 +54,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "shipped with the package)",
     )
     data.add_argument(
-        "--limit-train", type=int, default=None, metavar="N", help="use the first N training samples"
+        "--limit-train", type=_COUNT, default=None, metavar="N", help="use the first N training samples"
     )
     data.add_argument(
-        "--limit-test", type=int, default=None, metavar="N", help="use the first N test samples"
+        "--limit-test", type=_COUNT, default=None, metavar="N", help="use the first N test samples"
     )
     data.add_argument(
         "--fake-size",
-        type=int,
+        type=_COUNT,
         default=2048,
         metavar="N",
         help="training samples of --dataset fake (default: 2048)",
     )
-    data.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default: 0)")
+    data.add_argument(
+        "--workers", type=_NON_NEGATIVE_INT, default=0, help="DataLoader worker processes (default: 0)"
+    )
 
     model = parser.add_argument_group("model")
     model.add_argument(
@@ -69,7 +81,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="hidden activation (default: relu)",
     )
     model.add_argument(
-        "--dropout", type=float, default=0.0, help="dropout after each hidden layer (default: 0)"
+        "--dropout",
+        type=_FRACTION,
+        default=0.0,
+        help="dropout after each hidden layer, in [0, 1) (default: 0)",
     )
     model.add_argument(
         "--backend",
@@ -84,14 +99,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
     optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--epochs", type=int, default=5, help="(default: 5)")
-    optim.add_argument("--batch-size", type=int, default=128, help="global batch size (default: 128)")
+    optim.add_argument("--epochs", type=_COUNT, default=5, help="(default: 5)")
+    optim.add_argument("--batch-size", type=_COUNT, default=128, help="global batch size (default: 128)")
     optim.add_argument(
         "--optimizer", choices=["sgd", "adam", "adamw"], default="adam", help="(default: adam)"
     )
-    optim.add_argument("--lr", type=float, default=1e-3, help="learning rate (default: 1e-3)")
-    optim.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
-    optim.add_argument("--weight-decay", type=float, default=0.0, help="(default: 0)")
+    optim.add_argument("--lr", type=_POSITIVE, default=1e-3, help="learning rate (default: 1e-3)")
+    optim.add_argument("--momentum", type=_NON_NEGATIVE, default=0.9, help="SGD momentum (default: 0.9)")
+    optim.add_argument("--weight-decay", type=_NON_NEGATIVE, default=0.0, help="(default: 0)")
     optim.add_argument(
         "--lr-schedule",
         choices=["constant", "cosine", "step"],
@@ -99,9 +114,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="per-epoch schedule: constant, cosine to 0 over --epochs, or step (default: constant)",
     )
     optim.add_argument(
-        "--lr-step-size", type=int, default=10, help="epochs between steps of 'step' (default: 10)"
+        "--lr-step-size", type=_COUNT, default=10, help="epochs between steps of 'step' (default: 10)"
     )
-    optim.add_argument("--lr-gamma", type=float, default=0.1, help="factor of each 'step' (default: 0.1)")
+    optim.add_argument("--lr-gamma", type=_POSITIVE, default=0.1, help="factor of each 'step' (default: 0.1)")
     optim.add_argument(
         "--seed", type=int, default=0, help="initialisation, batch order and dropout (default: 0)"
     )
@@ -130,25 +145,45 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=Path,
         default=None,
         metavar="DIR",
-        help="continue from DIR/checkpoint.pt (repeat the run's options; --epochs may grow)",
+        help="continue from DIR/checkpoint.pt (repeat the run's options; --epochs may grow); "
+        "--out defaults to DIR",
+    )
+    runtime.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start a new run in an --out that holds another run's checkpoint, replacing its files",
     )
 
 
 def validate(args: argparse.Namespace) -> None:
-    """Check the options that argparse cannot check alone, before anything is loaded or written.
+    """Check what argparse's types cannot check alone, before anything is loaded or written.
+
+    ``--resume DIR`` without ``--out`` writes into ``DIR``.
 
     Raises:
-        ConfigError: the first option out of range, with its value.
+        ConfigError: an unusable ``--out`` or ``--resume`` folder.
     """
-    if args.batch_size <= 0 or args.epochs < 0:
-        raise ConfigError(
-            f"--batch-size must be positive and --epochs non-negative, got "
-            f"{args.batch_size} and {args.epochs}"
-        )
+    if args.resume is not None:
+        if not args.resume.is_dir():
+            raise ConfigError(f"--resume expected the folder of a run, got {args.resume} (not a folder)")
+        if args.out is None:
+            args.out = args.resume
+    if args.out is not None:
+        checkpoint.check_out(args.out)
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised where the run is, so that its files and its lock are left in order."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise _Terminated
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the ``train`` command; returns the exit status."""
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:
         validate(args)
         fit(args)
@@ -158,7 +193,12 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("torch-backprop train: interrupted", file=sys.stderr)
         return 130
+    except _Terminated:
+        print("torch-backprop train: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
     return 0

@@ -35,7 +35,7 @@ from .data import default_data_root, expected_files, load_dataset
 from .devices import select_device
 from .module import BackpropMLP
 
-__all__ = ["ProcessGroup", "Trainee", "fit"]
+__all__ = ["ProcessGroup", "Trainee", "fit", "learning_rate"]
 
 
 class ProcessGroup:
@@ -113,29 +113,27 @@ def _make_optimizer(args: argparse.Namespace, parameters: Iterator[nn.Parameter]
     return torch.optim.AdamW(parameters, lr=args.lr, weight_decay=args.weight_decay)
 
 
-def _make_schedule(
-    args: argparse.Namespace, optimizer: torch.optim.Optimizer
-) -> torch.optim.lr_scheduler.LambdaLR:
-    epochs = args.epochs
+def learning_rate(args: argparse.Namespace, epoch: int) -> float:
+    """The learning rate of (0-based) ``epoch``: a function of the options and the epoch alone.
 
-    def factor(epoch: int) -> float:
-        if args.lr_schedule == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * min(epoch, epochs) / epochs))
-        if args.lr_schedule == "step":
-            return args.lr_gamma ** (epoch // args.lr_step_size)
-        return 1.0
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    Nothing about the schedule is carried in the checkpoint, so ``--resume`` with a grown
+    ``--epochs`` continues a cosine schedule over the new horizon from the epoch reached, exactly
+    as an uninterrupted run of that many epochs goes on from there.
+    """
+    if args.lr_schedule == "cosine":
+        return args.lr * 0.5 * (1 + math.cos(math.pi * min(epoch, args.epochs) / args.epochs))
+    if args.lr_schedule == "step":
+        return args.lr * args.lr_gamma ** (epoch // args.lr_step_size)
+    return args.lr
 
 
 class Trainee:
-    """One backend's model with its optimiser, schedule and gradient scaler."""
+    """One backend's model with its optimiser and gradient scaler."""
 
     def __init__(self, name: str, model: nn.Module, args: argparse.Namespace, group: ProcessGroup) -> None:
         self.name = name
         self.model = model
         self.optimizer = _make_optimizer(args, model.parameters())
-        self.schedule = _make_schedule(args, self.optimizer)
         self.scaler = torch.amp.GradScaler(group.device.type, enabled=args.amp == "fp16")
         self.wrapped: nn.Module = model
         if group.distributed:
@@ -143,20 +141,23 @@ class Trainee:
             self.wrapped = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
     def state(self) -> dict[str, Any]:
-        """Model, optimiser, schedule and scaler state, for the checkpoint."""
+        """Model, optimiser and scaler state, for the checkpoint."""
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "schedule": self.schedule.state_dict(),
             "scaler": self.scaler.state_dict(),
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state` returned."""
+        """Restore what :meth:`state` returned (a ``"schedule"`` entry of older checkpoints is unused)."""
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.schedule.load_state_dict(state["schedule"])
         self.scaler.load_state_dict(state["scaler"])
+
+    def set_learning_rate(self, lr: float) -> None:
+        """Set the learning rate of every parameter group (the schedule, at the start of an epoch)."""
+        for param_group in self.optimizer.param_groups:
+            param_group["lr"] = lr
 
     def mlp_state_dict(self) -> dict[str, Tensor]:
         """The parameters in BackpropMLP's layout, whichever backend trained them."""
@@ -226,6 +227,7 @@ def _train_epoch(
     """One pass over ``loader`` for every trainee: (summed train loss per trainee, samples), all ranks."""
     for trainee in trainees:
         trainee.model.train()
+        trainee.set_learning_rate(learning_rate(args, epoch))
     started = time.perf_counter()
     sums = {t.name: torch.zeros((), dtype=torch.float64, device=group.device) for t in trainees}
     seen = 0
@@ -261,7 +263,7 @@ def _epoch_row(
     args: argparse.Namespace,
     group: ProcessGroup,
 ) -> dict[str, Any]:
-    """Evaluate each trainee, step its schedule, print its line; the epoch's row of metrics.json."""
+    """Evaluate each trainee and print its line; the epoch's row of metrics.json."""
     row: dict[str, Any] = {
         "epoch": epoch + 1,
         "seconds": seconds,
@@ -271,7 +273,6 @@ def _epoch_row(
     for trainee, total in zip(trainees, sums, strict=True):
         test_loss, accuracy = _evaluate(trainee, test_set, args, group)
         row[trainee.name] = {"train_loss": total / samples, "test_loss": test_loss, "test_accuracy": accuracy}
-        trainee.schedule.step()
         prefix = f"[{trainee.name}] " if len(trainees) > 1 else ""
         group.print(
             f"epoch {epoch + 1}/{args.epochs}  {prefix}train loss {total / samples:.4f}  "
@@ -290,7 +291,7 @@ def fit(args: argparse.Namespace) -> None:
     """Train as the parsed ``train`` options say; write the run's files to ``args.out`` on rank 0.
 
     Raises:
-        ConfigError: options that do not fit together, the process count or the checkpoint.
+        ConfigError: options that do not fit together, the process count, the checkpoint or ``--out``.
         DataError: the dataset could not be loaded.
     """
     group = ProcessGroup(args.device)
@@ -299,12 +300,27 @@ def fit(args: argparse.Namespace) -> None:
             f"--batch-size {args.batch_size} (global) must be divisible by the number of "
             f"processes, {group.world_size}"
         )
-    saved = None
-    if args.resume is not None:
-        saved = checkpoint.load_checkpoint(args.resume, args)
-        if args.out is None:
-            args.out = args.resume
+    out = args.out if group.main else None
+    with checkpoint.RunFolder(out, resume=args.resume, overwrite=args.overwrite):
+        saved = checkpoint.load_checkpoint(args.resume, args) if args.resume is not None else None
+        if saved is not None and out is not None:
+            # model.pt and metrics.json may lag the checkpoint by an epoch after a kill
+            checkpoint.rewrite_outputs(out, saved, with_checkpoint=out.resolve() != args.resume.resolve())
+        if saved is not None and saved["epoch"] >= args.epochs:
+            if out is not None:  # a kill may have cut the last run short while it drew the curves
+                checkpoint.write_curves(out, saved["history"], list(saved["trainees"]))
+            group.print(
+                f"nothing to train: {args.resume / checkpoint.CHECKPOINT} has {saved['epoch']} epoch(s) "
+                f"done and --epochs is {args.epochs}; pass --epochs {saved['epoch'] + 1} or more to continue"
+            )
+            return
+        _fit(args, group, saved)
+    # Every rank reaches this point before any tears the process group down: a rank that
+    # destroys it while a peer is still writing can make gloo abort at exit.
+    group.barrier()
 
+
+def _fit(args: argparse.Namespace, group: ProcessGroup, saved: dict[str, Any] | None) -> None:
     train_set, test_set, info = _load_data(args, group)
     if len(train_set) == 0 or len(test_set) == 0:
         raise ConfigError(
@@ -331,8 +347,7 @@ def fit(args: argparse.Namespace) -> None:
         persistent_workers=args.workers > 0,
     )
     config = checkpoint.run_config(args, sizes, world_size=group.world_size, device=group.device)
-    if args.out is not None and group.main:
-        args.out.mkdir(parents=True, exist_ok=True)
+    writes = args.out is not None and group.main
     group.print(
         f"{args.dataset}: {len(train_set)} train / {len(test_set)} test samples; MLP {sizes}, "
         f"{args.activation}; {', '.join(t.name for t in trainees)} backward; {group.world_size} "
@@ -345,11 +360,8 @@ def fit(args: argparse.Namespace) -> None:
         sums, samples = _train_epoch(trainees, loader, epoch, args, group)
         seconds = time.perf_counter() - started
         history.append(_epoch_row(trainees, sums, samples, seconds, epoch, test_set, args, group))
-        if args.out is not None and group.main:
+        if writes:
             checkpoint.write_epoch(args.out, trainees, history, config, epoch + 1, group.device)
 
-    if args.out is not None and group.main and history:
+    if writes:
         group.print(checkpoint.write_curves(args.out, history, [t.name for t in trainees]))
-    # Every rank reaches this point before any tears the process group down: a rank that
-    # destroys it while a peer is still writing can make gloo abort at exit.
-    group.barrier()

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .activations import available_activations
-from .cli import positive_ints
+from .cli import number, positive_ints
 from .devices import select_device
 from .function import Tape, backward_phase, deltas
 from .functional import mlp
@@ -38,6 +38,8 @@ from .testing import (
 )
 
 __all__ = ["add_arguments", "delta_norms", "run"]
+
+_TOLERANCE = number(float, low=0)
 
 _DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16}
 _GRADCHECK_FULL_LIMIT = 2000  # parameters + inputs up to which gradcheck builds the full Jacobian
@@ -86,8 +88,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=16, help="rows of random input (default: 16)")
     parser.add_argument("--seed", type=int, default=0, help="(default: 0)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu", help="(default: cpu)")
-    parser.add_argument("--rtol", type=float, default=None, help="default: torch.testing's for the dtype")
-    parser.add_argument("--atol", type=float, default=None, help="default: torch.testing's for the dtype")
+    parser.add_argument(
+        "--rtol", type=_TOLERANCE, default=None, help="default: torch.testing's for the dtype"
+    )
+    parser.add_argument(
+        "--atol", type=_TOLERANCE, default=None, help="default: torch.testing's for the dtype"
+    )
     parser.add_argument("--no-gradcheck", action="store_true", help="skip torch.autograd.gradcheck")
     parser.add_argument("--show-deltas", action="store_true", help="print the norm of each δ^(l) per layer")
 
