@@ -22,6 +22,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd import forward_ad
 
 __all__ = [
     "Activation",
@@ -98,7 +99,7 @@ class Activation:
             if self.fused is not None and self.fused_differentiable:
                 return self.fused(grad, saved)
             return grad * self.derivative(saved)
-        if overwrite and grad.dtype == saved.dtype and not _batched(grad):
+        if overwrite and grad.dtype == saved.dtype and not _batched(grad) and forward_ad._current_level < 0:
             if self.fused_into is not None:
                 return self.fused_into(grad, saved)
             if self.fused is None:
@@ -106,6 +107,14 @@ class Activation:
         if self.fused is not None:
             return self.fused(grad, saved)
         return grad * self.derivative(saved)
+
+    def tangent(self, z_dot: Tensor, saved: Tensor | None) -> Tensor:
+        """``ż ⊙ σ'``, the tangent phase's T2: differentiable ops only, never in place."""
+        if self.derivative_from == "none":
+            return z_dot
+        if self.fused is not None and self.fused_differentiable:
+            return self.fused(z_dot, saved)
+        return z_dot * self.derivative(saved)
 
     def to_module(self) -> nn.Module:
         """The equivalent native ``nn.Module``."""
@@ -135,7 +144,8 @@ class Activation:
 def _batched(grad: Tensor) -> bool:
     """Whether ``grad`` is batched by vmap (torch.func, or autograd's ``is_grads_batched``).
 
-    The ``out=`` kernels have no batching rule, so a batched backward takes the functional ones.
+    The ``out=`` kernels have no batching rule, so a batched backward takes the functional ones
+    (and so does one inside a ``forward_ad.dual_level``: they have no forward-AD formula either).
     """
     if torch.compiler.is_compiling():
         return False  # traced: the compiler chooses the kernels
