@@ -482,6 +482,11 @@ def apply_mlp(
     *params: Tensor | None,
 ) -> Tensor:
     """h^(L) of ``MLPFunction.apply`` (same arguments), through the cheaper eager twin where allowed."""
+    if torch.compiler.is_exporting():
+        # torch.export keeps no custom backward; strict export would record the Function's forward
+        # under no_grad, so the exported program could not be differentiated. The forward phase
+        # itself is exported instead, which native autograd differentiates as it does the twin's.
+        return forward_phase(x, activations, Stack.unflatten(params, len(activations)), in_place=False)[0]
     if torch._C._are_functorch_transforms_active() and not torch.compiler.is_compiling():
         activations = _Activations(activations)
         return MLPFunction.apply(x, activations, recompute, backward_phase, *params)[0]
