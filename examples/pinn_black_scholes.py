@@ -5,10 +5,11 @@ holds the PDE residual at random collocation points, and the terminal and bounda
 
     R = u_t + ½ σ² S² u_SS + r S u_S - r u                     (0 < t < T, 0 < S < S_max)
     u(T, S) = max(S - K, 0),  u(t, 0) = 0,  u(t, S_max) = S_max - K e^{-r (T - t)},
-    loss = mean R² + mean (terminal error)² + mean (boundary errors)²,
+    loss = mean R² + 10 mean (terminal error)² + mean (boundary errors)²,
 
-so each step takes first and second derivatives of the network in its input inside the loss, then a
-backward through them to the parameters. u_SS comes either from a second backward (double backward)
+with the terminal condition, which carries the contract, weighted 10. Each step takes first and
+second derivatives of the network in its input inside the loss, then a backward through them to
+the parameters. u_SS comes either from a second backward (double backward)
 or from forward mode over the first backward (forward-over-reverse: ``torch.func.jvp`` of the input
 gradient along e_S); both are timed. The learned surface is compared with the closed-form price
 
@@ -120,7 +121,7 @@ def sample_points(c: Contract, count: int, generator: torch.Generator, dtype: to
 
 
 def pde_loss(u: Pricer, points: Points, derivatives: Callable) -> Tensor:
-    """The loss: mean R² over the interior plus the terminal and boundary conditions' squared errors."""
+    """The loss: mean R² over the interior plus the terminal (weight 10) and boundary squared errors."""
     c = u.contract
     value, u_t, u_s, u_ss = derivatives(u, points.interior)
     spot = points.interior[:, 1]
@@ -129,7 +130,7 @@ def pde_loss(u: Pricer, points: Points, derivatives: Callable) -> Tensor:
     far = c.spot_max - c.strike * torch.exp(-c.rate * (c.maturity - points.high[:, 0]))
     return (
         residual.square().mean()
-        + (u(points.terminal) - payoff).square().mean()
+        + 10 * (u(points.terminal) - payoff).square().mean()
         + u(points.low).square().mean()
         + (u(points.high) - far).square().mean()
     )
