@@ -17,7 +17,7 @@ For the compiled contender the whole workload, its derivatives included, is one 
 torch.compile does not compile a double backward through ``autograd.grad``, so those rows fail to
 compile and say so under the table. Run from the repository root:
 
-    python benchmarks/pde.py --threads 1 --rounds 7 --json benchmarks/results/pde.json
+    python benchmarks/pde.py --threads 1 --timer cpu --rounds 7 --json benchmarks/results/pde.json
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from torch import nn
 
 from torch_backprop.files import write_json
 from torch_backprop.testing import format_table
-from torch_backprop.timing import interleaved_medians, machine_info, threads
+from torch_backprop.timing import TIMERS, interleaved_medians, machine_info, threads
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -157,7 +157,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             steps = make()
             failed = check(steps)
             medians = interleaved_medians(
-                steps, rounds=args.rounds, min_run_time=args.min_run_time, threads=args.threads, label=name
+                steps,
+                rounds=args.rounds,
+                min_run_time=args.min_run_time,
+                threads=args.threads,
+                label=name,
+                timer=args.timer,
             )
             row = {k: v["median_s"] for k, v in medians.items()}
             results[name] = {"median_s": row, "rounds_s": {k: v["rounds_s"] for k, v in medians.items()}}
@@ -190,6 +195,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--min-run-time", type=float, default=0.2)
+    parser.add_argument(
+        "--timer", choices=list(TIMERS), default="wall", help="cpu: steadier on a busy machine"
+    )
     parser.add_argument("--no-compile", dest="compile", action="store_false")
     parser.add_argument("--json", default=None, help="write the report here")
     args = parser.parse_args(argv)
