@@ -130,8 +130,8 @@ def forward_phase(
 #     T1  ż^(l+1) = ḣ^(l) W^(l) + h^(l) Ẇ^(l) + ḃ^(l)        (N, n_{l+1}),  ḣ^(0) = ẋ
 #     T2  ḣ^(l+1) = σ'_{l+1}(z^(l+1)) ⊙ ż^(l+1) [⊙ m^(l+1)]  (N, n_{l+1}),  the same mask
 # It reads the same tensors as the backward phase (h^(l) after dropout, and what σ' is computed
-# from), so it takes the :class:`Tape` (its ``grad_output`` unused). T2 is BP2's product with ż in
-# place of δ W^(l)ᵀ, so it is the same ``Activation.backprop``.
+# from), so it takes the :class:`Tape` (its ``grad_output`` unused). T2 is BP2's product σ' ⊙ (·)
+# with ż in place of δ W^(l)ᵀ: ``Activation.tangent``, the same fused kernel where it is differentiable.
 
 
 def tangent_phase(
@@ -142,8 +142,8 @@ def tangent_phase(
 ) -> Tensor | None:
     """ḣ^(L), the tangent of the output (T1-T2), or ``None`` when every tangent is ``None``.
 
-    Written in differentiable ops only, so that reverse mode can differentiate it in turn
-    (reverse-over-forward) and forward mode too (forward-over-forward).
+    Written in differentiable ops only (never in place), so that reverse mode can differentiate it
+    in turn (reverse-over-forward).
     """
     depth = len(tape.activations)
     h_dot = _cast(x_dot, tape.dtype)
@@ -498,9 +498,9 @@ def apply_mlp(
 class _Activations(tuple):
     """σ_1, ..., σ_L as one pytree leaf (a tuple subclass), as torch.func passes it to MLPFunction.
 
-    torch.func's generated jvp rule pairs the flattened inputs with the tangents, one per argument;
-    a plain tuple argument flattens to L leaves and breaks that pairing (nested forward mode,
-    ``jacfwd(jacfwd(f))``).
+    torch.func's generated vmap rule for the jvp pairs the flattened inputs with the tangents, one per
+    argument; a plain tuple argument flattens to L leaves and breaks that pairing under nested forward
+    mode (``jacfwd(jacfwd(f))``), before :func:`_jvp` can say why that is not supported.
     """
 
     __slots__ = ()
