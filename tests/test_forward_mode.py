@@ -165,3 +165,22 @@ def test_forward_over_forward_raises_naming_the_reason(data):
     jacfwd(jacfwd(lambda u: twin(u).sum()))(x[0])  # the twin can
     with pytest.raises(NotImplementedError, match="forward mode over forward mode.*to_sequential"):
         jacfwd(jacfwd(lambda u: model(u).sum()))(x[0])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("activation", ["relu", "tanh", "gelu"])
+def test_cuda_forward_mode_matches_native(activation):
+    model = BackpropMLP([3, 5, 4, 2], activation, dtype=torch.float64, device="cuda")
+    twin = model.to_sequential()
+    x = torch.randn(4, 3, dtype=torch.float64, device="cuda")
+    v = torch.randn_like(x)
+    for name, tool in {
+        "jvp": lambda f: jvp(f, (x,), (v,)),
+        "hessian": lambda f: hessian(lambda u: f(u).sum())(x[0]),
+        "dual numbers": lambda f: _dual_tangent(f, x, v),
+    }.items():
+        _same(tool(model), tool(twin), f"cuda {name}")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        model32, twin32 = model.float(), twin.float()
+        ours, ref = _dual_tangent(model32, x.float(), v.float()), _dual_tangent(twin32, x.float(), v.float())
+    assert_close(ours, ref, GRAD_TOLERANCE[torch.bfloat16], "cuda autocast tangent")
