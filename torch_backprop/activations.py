@@ -22,6 +22,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd import forward_ad
 
 __all__ = [
     "Activation",
@@ -109,6 +110,14 @@ class Activation:
             return self.fused(grad, saved)
         return grad * self.derivative(saved)
 
+    def tangent(self, z_dot: Tensor, saved: Tensor | None) -> Tensor:
+        """``ż ⊙ σ'``, the tangent phase's T2: differentiable ops only, never in place."""
+        if self.derivative_from == "none":
+            return z_dot
+        if self.fused is not None and self.fused_differentiable:
+            return self.fused(z_dot, saved)
+        return z_dot * self.derivative(saved)
+
     def to_module(self) -> nn.Module:
         """The equivalent native ``nn.Module``."""
         if self.module is not None:
@@ -138,8 +147,11 @@ def out_kernels_allowed(grad: Tensor) -> bool:
     """Whether a backward of ``grad`` may write σ' products into fresh tensors (``overwrite=True``).
 
     Not when ``grad`` is batched by vmap (torch.func, or autograd's ``is_grads_batched``): the
-    ``out=`` kernels have no batching rule, so a batched backward takes the functional ones.
+    ``out=`` kernels have no batching rule, so a batched backward takes the functional ones; nor
+    inside a ``forward_ad.dual_level``: they have no forward-AD formula either.
     """
+    if forward_ad._current_level >= 0:
+        return False
     if torch.compiler.is_compiling():
         return True  # traced: the compiler chooses the kernels
     return not (

@@ -1,8 +1,9 @@
 r"""MLPFunction: the slides' forward and backward phases for a whole fully connected stack.
 
 Implements "Backpropagation of Deep Neural Network" (A. Tse, UCL, 2022) top-down, in the order of
-slide 10: the forward phase (slide 3), the tape it leaves for the backward phase, the δ recursion
-(BP1-BP2, slides 8-10), the backward phase (BP3-BP5), and last the ``torch.autograd.Function``
+slide 10: the forward phase (slide 3) and beside it its forward-mode derivative (the tangent phase,
+T1-T2), the tape they leave for the backward phase, the δ recursion (BP1-BP2, slides 8-10), the
+backward phase (BP3-BP5), and last the ``torch.autograd.Function``
 plumbing that connects them to autograd (written in the style PyTorch's extending guide asks of
 functions that ``torch.func`` transforms: ``forward`` + ``setup_context``, ``generate_vmap_rule``).
 
@@ -46,6 +47,9 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch._C._functorch import TransformType
+from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+from torch.autograd import forward_ad
 
 from .activations import Activation, out_kernels_allowed
 
@@ -57,6 +61,7 @@ __all__ = [
     "backward_phase",
     "deltas",
     "forward_phase",
+    "tangent_phase",
     "lowest_layer",
 ]
 
@@ -85,13 +90,20 @@ class Stack(NamedTuple):
 
 
 def forward_phase(
-    x: Tensor, activations: Sequence[Activation], stack: Stack, *, output: bool = True
+    x: Tensor,
+    activations: Sequence[Activation],
+    stack: Stack,
+    *,
+    output: bool = True,
+    in_place: bool = True,
 ) -> tuple[Tensor | None, list[Tensor], list[Tensor]]:
     """The slides' forward phase: ``(h^(L), hidden, pre_activations)``.
 
     ``hidden`` is h^(1), ..., h^(L-1) before dropout (σ' and ∂W read them); ``pre_activations`` is
     z^(l) for the layers whose σ' reads z, in layer order. With ``output=False`` (a rerun for the
     backward phase, when σ'_L is 1) the last layer's product is skipped and h^(L) is ``None``.
+    With ``in_place=False`` σ is never applied in place (for a rerun that a tracer may const-fold,
+    as ``torch.func.linearize`` does).
     """
     weights, biases, masks = stack
     depth = len(activations)
@@ -102,12 +114,56 @@ def forward_phase(
         act = activations[k]
         if act.derivative_from == "z":
             pre_activations.append(z)
-        h = act.forward(z)  # h^(k+1) = σ(z^(k+1))
+        h = act.forward(z) if in_place else act.fn(z)  # h^(k+1) = σ(z^(k+1))
         if k < depth - 1:
             hidden.append(h)
             if masks[k] is not None:
                 h = h * masks[k]  # h^(k+1) ⊙ m^(k+1)
     return (h if output else None), hidden, pre_activations
+
+
+# ---------------------------------------------------------------------------------------------
+# The tangent phase: the forward phase's forward-mode derivative (jvp), beside it.
+#
+# Given tangents ẋ, Ẇ^(l), ḃ^(l) of the inputs (``None`` for zero), the product rule on slide 3's
+# two lines gives, for l = 0, ..., L-1,
+#     T1  ż^(l+1) = ḣ^(l) W^(l) + h^(l) Ẇ^(l) + ḃ^(l)        (N, n_{l+1}),  ḣ^(0) = ẋ
+#     T2  ḣ^(l+1) = σ'_{l+1}(z^(l+1)) ⊙ ż^(l+1) [⊙ m^(l+1)]  (N, n_{l+1}),  the same mask
+# It reads the same tensors as the backward phase (h^(l) after dropout, and what σ' is computed
+# from), so it takes the :class:`Tape` (its ``grad_output`` unused). T2 is BP2's product σ' ⊙ (·)
+# with ż in place of δ W^(l)ᵀ: ``Activation.tangent``, the same fused kernel where it is differentiable.
+
+
+def tangent_phase(
+    tape: Tape,
+    x_dot: Tensor | None,
+    weights_dot: Sequence[Tensor | None],
+    biases_dot: Sequence[Tensor | None],
+) -> Tensor | None:
+    """ḣ^(L), the tangent of the output (T1-T2), or ``None`` when every tangent is ``None``.
+
+    Written in differentiable ops only (never in place), so that reverse mode can differentiate it
+    in turn (reverse-over-forward).
+    """
+    depth = len(tape.activations)
+    h_dot = _cast(x_dot, tape.dtype)
+    for k in range(depth):
+        z_dot = None
+        if h_dot is not None:
+            z_dot = F.linear(h_dot, tape.weights[k])  # T1: ḣ^(k) W^(k), (N, n_{k+1})
+        if weights_dot[k] is not None:
+            term = F.linear(tape.h[k], _cast(weights_dot[k], tape.dtype))  # T1: h^(k) Ẇ^(k)
+            z_dot = term if z_dot is None else z_dot + term
+        if biases_dot[k] is not None:
+            b_dot = _cast(biases_dot[k], tape.dtype)  # T1: + ḃ^(k)
+            z_dot = b_dot.expand(*tape.h[k].shape[:-1], b_dot.shape[-1]) if z_dot is None else z_dot + b_dot
+        if z_dot is None:
+            h_dot = None
+            continue
+        h_dot = tape.activations[k].tangent(z_dot, tape.sigma_prime_from[k])  # T2, (N, n_{k+1})
+        if k < depth - 1 and tape.masks[k] is not None:
+            h_dot = h_dot * tape.masks[k]  # T2: ⊙ m^(k+1)
+    return h_dot
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,6 +296,10 @@ class MLPFunction(torch.autograd.Function):
 
     Notation and equations: see this module's docstring (BP1-BP5).
 
+    Forward mode (``jvp``: torch.func.jvp, jacfwd, hessian, dual numbers) is the tangent phase, T1-T2,
+    in differentiable ops, so reverse mode over it works, and forward mode over the backward works
+    because that backward, inside forward mode, reruns the forward and avoids the ``out=`` kernels.
+
     Three backward paths, each held to native autograd by the tests:
         * lean (default): forward keeps h^(l) (and z^(l) where σ' needs it); backward is the recursion.
         * recompute (``recompute=True``): forward keeps only its inputs; backward reruns the forward.
@@ -265,8 +325,9 @@ class MLPFunction(torch.autograd.Function):
         backward_phase: Any,
         *params: Tensor | None,
     ) -> tuple[Tensor, ...]:
+        # σ out of place: tracers (torch.func.linearize's const folding) may turn z into a leaf.
         h_last, hidden, pre_activations = forward_phase(
-            x, activations, Stack.unflatten(params, len(activations))
+            x, activations, Stack.unflatten(params, len(activations)), in_place=False
         )
         return (h_last, *hidden, *pre_activations)
 
@@ -277,6 +338,12 @@ class MLPFunction(torch.autograd.Function):
         depth = len(activations)
         forward = (output[0], output[1:depth], output[depth:])
         _save_for_backward(ctx, x, activations, recompute, backward_phase, params, forward)
+        ctx.outputs = len(output)
+
+    @staticmethod
+    def jvp(ctx: Any, x_dot: Tensor | None, *tangents: Tensor | None) -> tuple[Tensor | None, ...]:
+        h_dot = _jvp(ctx, x_dot, tangents[3:])
+        return (h_dot, *(None,) * (ctx.outputs - 1))  # the other outputs are not differentiable
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor | None, *_: Tensor | None) -> tuple[Tensor | None, ...]:
@@ -308,23 +375,75 @@ class MLPFunction(torch.autograd.Function):
         return (grad_x, None, None, None, *grad_weights, *grad_biases, *(None,) * (depth - 1))
 
 
-def _tape(ctx: Any, grad_output: Tensor) -> Tape:
-    """The :class:`Tape` of a forward call: from its saved tensors, or from a rerun of its forward phase."""
+def _tape(ctx: Any, grad_output: Tensor | None, rerun: bool | None = None, in_place: bool = True) -> Tape:
+    """The :class:`Tape` of a forward call: from its saved tensors, or from a rerun of its forward phase.
+
+    The forward reruns with ``recompute``, and where ``rerun`` says (by default, when grad is
+    enabled, i.e. ``create_graph=True``, or when forward AD is active, whose tangents the saved
+    tensors do not carry).
+    """
     activations = ctx.activations
     depth = len(activations)
     saved = ctx.saved_tensors  # x, the flat Stack (3L - 1), then (h^(L), *hidden, *pre_activations)
     x, stack = saved[0], Stack.unflatten(saved[1 : 3 * depth], depth)
-    if ctx.recompute or torch.is_grad_enabled():
+    if rerun is None:
+        rerun = torch.is_grad_enabled() or forward_ad_active()
+    if ctx.recompute or rerun:
         # Rerun the forward (under autograd when create_graph=True, so the recursion is
         # differentiable in x, W and b), in the autocast state the forward ran in.
         device_type, enabled, dtype = ctx.autocast
         with torch.autocast(device_type, dtype=dtype, enabled=enabled):
             output = activations[-1].derivative_from != "none"  # else BP1 does not read h^(L)
-            forward = forward_phase(x, activations, stack, output=output)
+            forward = forward_phase(x, activations, stack, output=output, in_place=in_place)
     else:
         kept = saved[3 * depth :]
         forward = (kept[0], kept[1:depth], kept[depth:])
     return make_tape(grad_output, x, activations, stack, forward, ctx.compute_dtype, ctx.autocast[1])
+
+
+class _CompiledMLPFunction(MLPFunction):
+    """MLPFunction without its ``jvp``, for torch.compile.
+
+    Dynamo refuses to trace a Function that defines one ("Unsupported custom jvp"), so forward mode
+    is not available inside a compiled region.
+    """
+
+    jvp = staticmethod(torch.autograd.Function.jvp)
+
+
+def _jvp(ctx: Any, x_dot: Tensor | None, params_dot: Sequence[Tensor | None]) -> Tensor | None:
+    """ḣ^(L) of a forward call, from the tangents of x and of the flat :class:`Stack` (T1-T2).
+
+    The tape comes from the saved tensors, or, when the tangent must be differentiable in x, W and
+    b (reverse-over-forward: grad enabled and an input that requires grad; or an outer torch.func
+    transform), from a rerun of the forward phase, under autograd as the double backward's.
+    """
+    if _forward_over_forward():
+        raise NotImplementedError(
+            "BackpropMLP: forward mode over forward mode (e.g. torch.func.jacfwd(jacfwd(f))) is not "
+            "supported: autograd turns forward AD off while a custom Function's jvp runs, so the outer "
+            "forward mode cannot see the tangent phase; use forward-over-reverse, "
+            "torch.func.hessian(f) = jacfwd(jacrev(f)), or the native twin model.to_sequential()"
+        )
+    depth = len(ctx.activations)
+    dot = Stack.unflatten(params_dot, depth)
+    if x_dot is None and all(t is None for t in (*dot.weights, *dot.biases)):
+        return None
+    # Under an outer torch.func transform (jacrev(jvp(f)), jacfwd(jacfwd(f))) the saved outputs
+    # carry none of its derivatives (they are wrapped for it, and do not show as requires_grad),
+    # so there the forward reruns too.
+    inputs = ctx.saved_tensors[: 3 * depth]
+    rerun = torch._C._are_functorch_transforms_active() or (
+        torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+    )
+    tape = _tape(ctx, None, rerun=rerun, in_place=False)
+    return tangent_phase(tape, x_dot, dot.weights, dot.biases)
+
+
+def _forward_over_forward() -> bool:
+    """Whether a jvp runs under a second torch.func forward-mode transform (jacfwd(jacfwd(f)))."""
+    interpreters = retrieve_all_functorch_interpreters()
+    return sum(i.key() == TransformType.Jvp for i in interpreters) > 1
 
 
 class _EagerMLPFunction(torch.autograd.Function):
@@ -344,11 +463,16 @@ class _EagerMLPFunction(torch.autograd.Function):
         backward_phase: Any,
         *params: Tensor | None,
     ) -> Tensor:
-        forward = forward_phase(x, activations, Stack.unflatten(params, len(activations)))
+        stack = Stack.unflatten(params, len(activations))
+        forward = forward_phase(x, activations, stack, in_place=not forward_ad_active())  # see MLPFunction
         _save_for_backward(ctx, x, activations, recompute, backward_phase, params, forward)
         return forward[0]
 
     backward = MLPFunction.backward
+
+    @staticmethod
+    def jvp(ctx: Any, x_dot: Tensor | None, *tangents: Tensor | None) -> Tensor | None:
+        return _jvp(ctx, x_dot, tangents[3:])
 
 
 def apply_mlp(
@@ -359,9 +483,28 @@ def apply_mlp(
     *params: Tensor | None,
 ) -> Tensor:
     """h^(L) of ``MLPFunction.apply`` (same arguments), through the cheaper eager twin where allowed."""
-    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+    if torch.compiler.is_exporting():
+        # torch.export keeps no custom backward; strict export would record the Function's forward
+        # under no_grad, so the exported program could not be differentiated. The forward phase
+        # itself is exported instead, which native autograd differentiates as it does the twin's.
+        return forward_phase(x, activations, Stack.unflatten(params, len(activations)), in_place=False)[0]
+    if torch._C._are_functorch_transforms_active() and not torch.compiler.is_compiling():
+        activations = _Activations(activations)
         return MLPFunction.apply(x, activations, recompute, backward_phase, *params)[0]
+    if torch.compiler.is_compiling():
+        return _CompiledMLPFunction.apply(x, activations, recompute, backward_phase, *params)[0]
     return _EagerMLPFunction.apply(x, activations, recompute, backward_phase, *params)
+
+
+class _Activations(tuple):
+    """σ_1, ..., σ_L as one pytree leaf (a tuple subclass), as torch.func passes it to MLPFunction.
+
+    torch.func's generated vmap rule for the jvp pairs the flattened inputs with the tangents, one per
+    argument; a plain tuple argument flattens to L leaves and breaks that pairing under nested forward
+    mode (``jacfwd(jacfwd(f))``), before :func:`_jvp` can say why that is not supported.
+    """
+
+    __slots__ = ()
 
 
 def _save_for_backward(
@@ -389,13 +532,21 @@ def _save_for_backward(
         ctx.compute_dtype = params[0].dtype
     # Parameters are saved by reference (no copy; they live anyway), so that create_graph=True
     # can rerun the forward phase.
+    # The same tensors for the tangent phase (jvp), which reads the same tape.
     if recompute:
         ctx.save_for_backward(x, *params)
+        ctx.save_for_forward(x, *params)
         return
     h_last, hidden, pre_activations = forward
     if activations[-1].derivative_from != "h":
         h_last = None
     ctx.save_for_backward(x, *params, h_last, *hidden, *pre_activations)
+    ctx.save_for_forward(x, *params, h_last, *hidden, *pre_activations)
+
+
+def forward_ad_active() -> bool:
+    """Whether a ``torch.autograd.forward_ad.dual_level`` is open (dual numbers in eager mode)."""
+    return forward_ad._current_level >= 0
 
 
 def compute_dtype(x: Tensor, weight: Tensor) -> torch.dtype:

@@ -77,7 +77,17 @@ def _check_parameters(weights: Sequence[Tensor], biases: Sequence[Tensor | None]
 def dropout_masks(
     rows: int, widths: Sequence[int], p: float, dtype: torch.dtype, device: torch.device
 ) -> list[Tensor]:
-    """Masks m^(l) ∈ {0, 1/(1-p)} for the hidden layers, drawn as ``nn.Dropout`` draws them."""
+    """Masks m^(l) ∈ {0, 1/(1-p)} for the hidden layers, drawn as ``nn.Dropout`` draws them.
+
+    Under torch.func transforms they are drawn out of place (``torch.bernoulli``), so that
+    ``vmap(..., randomness="different")`` draws one mask per vmapped call, as it does for
+    ``nn.Dropout`` (an in-place draw into an unbatched tensor is refused there).
+    """
+    if torch._C._are_functorch_transforms_active():
+        return [
+            torch.bernoulli(torch.full((rows, width), 1 - p, dtype=dtype, device=device)) / (1 - p)
+            for width in widths
+        ]
     return [
         torch.empty(rows, width, dtype=dtype, device=device).bernoulli_(1 - p).div_(1 - p) for width in widths
     ]

@@ -256,6 +256,19 @@ class BackpropMLP(nn.Module):
             text += ", recompute=True"
         return text
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        """Refuse ``torch.jit.script``, naming why: TorchScript cannot compile an autograd.Function.
+
+        Raises:
+            RuntimeError: always; the message names the ways around it.
+        """
+        raise RuntimeError(
+            "torch.jit.script cannot compile BackpropMLP: its backward is a Python torch.autograd.Function "
+            "(MLPFunction, the δ recursion), which TorchScript does not support. Script the native twin "
+            "instead, torch.jit.script(model.to_sequential()) (same numbers, native autograd), or use "
+            "torch.compile(model) or torch.export.export(model, ...)"
+        )
+
     def to_sequential(self) -> nn.Sequential:
         """The native twin: ``nn.Sequential`` of ``nn.Linear``, activation and ``nn.Dropout`` modules.
 
