@@ -387,7 +387,7 @@ def _tape(ctx: Any, grad_output: Tensor | None, rerun: bool | None = None, in_pl
     saved = ctx.saved_tensors  # x, the flat Stack (3L - 1), then (h^(L), *hidden, *pre_activations)
     x, stack = saved[0], Stack.unflatten(saved[1 : 3 * depth], depth)
     if rerun is None:
-        rerun = torch.is_grad_enabled() or forward_ad_active()
+        rerun = torch.is_grad_enabled() or forward_ad._current_level >= 0  # create_graph, or dual numbers
     if ctx.recompute or rerun:
         # Rerun the forward (under autograd when create_graph=True, so the recursion is
         # differentiable in x, W and b), in the autocast state the forward ran in.
@@ -464,8 +464,9 @@ class _EagerMLPFunction(torch.autograd.Function):
         *params: Tensor | None,
     ) -> Tensor:
         stack = Stack.unflatten(params, len(activations))
-        forward = forward_phase(x, activations, stack, in_place=not forward_ad_active())  # see MLPFunction
-        _save_for_backward(ctx, x, activations, recompute, backward_phase, params, forward)
+        dual = forward_ad._current_level >= 0  # forward mode (dual numbers) reaches this call
+        forward = forward_phase(x, activations, stack, in_place=not dual)  # see MLPFunction
+        _save_for_backward(ctx, x, activations, recompute, backward_phase, params, forward, tangents=dual)
         return forward[0]
 
     backward = MLPFunction.backward
@@ -483,17 +484,18 @@ def apply_mlp(
     *params: Tensor | None,
 ) -> Tensor:
     """h^(L) of ``MLPFunction.apply`` (same arguments), through the cheaper eager twin where allowed."""
-    if torch.compiler.is_exporting():
+    compiling = torch.compiler.is_compiling()  # torch.compile, and torch.export
+    transformed = torch._C._are_functorch_transforms_active()
+    if not (compiling or transformed):
+        return _EagerMLPFunction.apply(x, activations, recompute, backward_phase, *params)
+    if compiling and torch.compiler.is_exporting():
         # torch.export keeps no custom backward; strict export would record the Function's forward
         # under no_grad, so the exported program could not be differentiated. The forward phase
         # itself is exported instead, which native autograd differentiates as it does the twin's.
         return forward_phase(x, activations, Stack.unflatten(params, len(activations)), in_place=False)[0]
-    if torch._C._are_functorch_transforms_active() and not torch.compiler.is_compiling():
-        activations = _Activations(activations)
-        return MLPFunction.apply(x, activations, recompute, backward_phase, *params)[0]
-    if torch.compiler.is_compiling():
+    if compiling:
         return _CompiledMLPFunction.apply(x, activations, recompute, backward_phase, *params)[0]
-    return _EagerMLPFunction.apply(x, activations, recompute, backward_phase, *params)
+    return MLPFunction.apply(x, _Activations(activations), recompute, backward_phase, *params)[0]
 
 
 class _Activations(tuple):
@@ -515,11 +517,14 @@ def _save_for_backward(
     backward_phase: Any,
     params: Sequence[Tensor | None],
     forward: tuple[Tensor | None, Sequence[Tensor], Sequence[Tensor]],
+    tangents: bool = True,
 ) -> None:
     """Keep what the backward phase reads: x, the parameters and (unless ``recompute``) ``forward``.
 
     ``forward`` is the forward phase's ``(h^(L), hidden, pre_activations)``; h^(L) is kept only
-    where σ'_L reads it.
+    where σ'_L reads it. With ``tangents`` the same tensors are kept for the tangent phase (jvp),
+    which reads the same tape; an eager call outside forward mode passes ``False``, since no jvp
+    can reach it.
     """
     ctx.set_materialize_grads(False)
     ctx.activations, ctx.recompute, ctx.backward_phase = activations, recompute, backward_phase
@@ -532,21 +537,17 @@ def _save_for_backward(
         ctx.compute_dtype = params[0].dtype
     # Parameters are saved by reference (no copy; they live anyway), so that create_graph=True
     # can rerun the forward phase.
-    # The same tensors for the tangent phase (jvp), which reads the same tape.
     if recompute:
         ctx.save_for_backward(x, *params)
-        ctx.save_for_forward(x, *params)
+        if tangents:
+            ctx.save_for_forward(x, *params)
         return
     h_last, hidden, pre_activations = forward
     if activations[-1].derivative_from != "h":
         h_last = None
     ctx.save_for_backward(x, *params, h_last, *hidden, *pre_activations)
-    ctx.save_for_forward(x, *params, h_last, *hidden, *pre_activations)
-
-
-def forward_ad_active() -> bool:
-    """Whether a ``torch.autograd.forward_ad.dual_level`` is open (dual numbers in eager mode)."""
-    return forward_ad._current_level >= 0
+    if tangents:
+        ctx.save_for_forward(x, *params, h_last, *hidden, *pre_activations)
 
 
 def compute_dtype(x: Tensor, weight: Tensor) -> torch.dtype:
