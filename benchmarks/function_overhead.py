@@ -3,7 +3,7 @@
 ``torch-backprop bench`` finds BackpropMLP a few percent slower than native autograd on small
 networks, with the same kernels and no more instructions. This asks how much of that any
 ``torch.autograd.Function`` with a Python backward pays, and how much is BackpropMLP's own
-generality (checks, the :class:`~torch_backprop.function.Tape`, the shared δ generator, the
+generality (checks, the :class:`~torch_backprop.phases.Tape`, the shared δ generator, the
 activation dispatch). It times one training step (``torch_backprop.benchmark.training_step``,
 interleaved, medians) of:
 

@@ -52,3 +52,20 @@ def test_nothing_names_a_folder_outside_the_repository():
                 if outside.search(line):
                     named.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
     assert named == []
+
+
+def test_the_equations_table_quotes_lines_that_exist():
+    # Every code fragment of the equations <-> code table stands, as quoted, in the module it names.
+    readme = (ROOT / "README.md").read_text()
+    table = readme.split("| slides | equation | code (`torch_backprop/")[1].split("\n\n")[0]
+    module, rows = table.split("`", 1)[0], table.splitlines()[2:]
+    source = (ROOT / "torch_backprop" / module).read_text()
+    quoted = [
+        fragment
+        for row in rows
+        if row.split("|")[3].strip().startswith("`") and ".py" not in row.split("|")[3]
+        for fragment in row.split("|")[3].split("`")[3::2]
+    ]
+    assert len(quoted) >= 7
+    for fragment in quoted:
+        assert fragment in source, f"README quotes {fragment!r}, which is not in torch_backprop/{module}"

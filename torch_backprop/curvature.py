@@ -38,9 +38,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .function import Tape, backward_phase
 from .losses import LossSpec, loss_rows
 from .module import BackpropMLP
+from .phases import Tape, backward_phase
 from .second_order import Results, Trainable, ggn_quantities, hessian_diagonal, trainable_layers
 
 __all__ = ["QUANTITIES", "Curvature", "curvature"]

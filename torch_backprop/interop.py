@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .function import Tape, backward_phase
+from .phases import Tape, backward_phase
 
 __all__ = ["OpacusPhase", "opacus_hooks"]
 

@@ -38,9 +38,9 @@ from torch import Tensor, nn
 
 from .activations import get_activation
 from .curvature import curvature
-from .function import Tape
 from .losses import LossSpec
 from .module import BackpropMLP
+from .phases import Tape
 from .second_order import ggn_quantities, output_jacobians
 
 try:

@@ -25,8 +25,8 @@ from torch import Tensor, nn
 
 from . import dp
 from .clipping import AdaptiveClipping, ClippingRule, clipping_rule
-from .function import Tape, deltas, lowest_layer
 from .module import BackpropMLP
+from .phases import Tape, deltas, lowest_layer
 from .sample_terms import Layout, SampleTerms, bias_terms, unclipped_gradient, weight_gradient, weight_terms
 
 __all__ = ["PerSample", "per_sample"]

@@ -53,9 +53,9 @@ import torch
 from torch import Tensor, nn
 
 from .activations import out_kernels_allowed, zero_second_derivative
-from .function import Stack, Tape, backward_phase, deltas, forward_phase, make_tape
 from .losses import LossSpec
 from .module import BackpropMLP
+from .phases import Stack, Tape, backward_phase, deltas, forward_phase, make_tape
 
 __all__ = [
     "Trainable",

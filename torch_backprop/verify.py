@@ -25,9 +25,9 @@ from torch import Tensor, nn
 from .activations import available_activations
 from .cli import number, positive_ints
 from .devices import select_device
-from .function import Tape, backward_phase, deltas
 from .functional import mlp
 from .module import BackpropMLP
+from .phases import Tape, backward_phase, deltas
 from .testing import (
     assert_gradients_match,
     compare_gradients,
