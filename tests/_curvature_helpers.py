@@ -11,7 +11,7 @@ from torch.func import functional_call, hessian, jacrev
 from torch_backprop import BackpropMLP, curvature
 
 DTYPE = torch.float64
-# The bound for the exact quantities in float64: 1e-10 relative to the largest reference
+# The project's bound for the exact quantities in float64: 1e-10 relative to the largest reference
 # entry. Both sides sum the same products in another order: errors are a few ulps (2.2e-16) times
 # the number of terms (at most a few hundred here), so 1e-10 leaves four orders of margin.
 RTOL = 1e-10
