@@ -67,6 +67,7 @@ _FUNCTIONS: dict[Callable[..., Tensor], str] = {
 }
 _REDUCTIONS = ("mean", "sum")
 _REDUCTION_ENUM = {"mean": 1, "sum": 2}  # torch.nn._reduction.get_enum
+_PLAIN_SPECS: dict[tuple[str, str | None], FusedLoss] = {}  # (name, reduction) -> spec, default options
 
 
 @dataclass(frozen=True)
@@ -122,6 +123,15 @@ def resolve_loss(
         TypeError: a loss that is neither a name nor a supported function or module; a weight that
             is not a floating-point tensor.
     """
+    if (
+        type(loss) is str
+        and weight is None
+        and pos_weight is None
+        and ignore_index == -100
+        and label_smoothing == 0.0
+        and (loss, reduction) in _PLAIN_SPECS
+    ):
+        return _PLAIN_SPECS[loss, reduction], None, None  # the common call, checked once below
     if isinstance(loss, nn.CrossEntropyLoss):
         kind, weight, ignore_index = "cross_entropy", loss.weight, loss.ignore_index
         label_smoothing, reduction = loss.label_smoothing, reduction or loss.reduction
@@ -523,3 +533,12 @@ def mlp_loss(
         output = mlp(input, weights, biases, acts, dropout=dropout, training=training)
         return spec.native(output, target, weight, pos_weight)
     return stack_loss(input, target, weight, pos_weight, weights, biases, acts, dropout, training, None, spec)
+
+
+_PLAIN_SPECS.update(
+    {
+        (name, reduction): resolve_loss(name, reduction)[0]
+        for name in LOSSES
+        for reduction in (*_REDUCTIONS, None)
+    }
+)
