@@ -365,3 +365,18 @@ def test_per_sample_refuses_a_loss_that_is_not_its_reduction():
         with pytest.raises(ValueError, match="no mean of per-sample terms"):
             model.loss(x, y, weight=torch.rand(SIZES[-1], dtype=torch.float64))
     assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_upstream_gradient_and_a_second_backward_through_the_same_node(loss):
+    """3 Q backpropagated twice (retain_graph): 6 times the twin's gradients; nothing saved is overwritten."""
+    model = BackpropMLP(SIZES, activation="sigmoid", dtype=torch.float64)
+    twin = model.to_sequential()
+    x = torch.randn(7, SIZES[0], dtype=torch.float64)
+    y = make_target(loss, (7,), torch.float64)
+    value = 3 * model.loss(x, y, loss, reduction="sum")
+    value.backward(retain_graph=True)
+    value.backward()
+    ref = torch.autograd.grad(native_loss(loss, twin(x), y, reduction="sum"), list(twin.parameters()))
+    for (name, p), r in zip(model.named_parameters(), ref, strict=True):
+        assert_close(p.grad, 6 * r, GRAD_TOLERANCE[torch.float64], name)

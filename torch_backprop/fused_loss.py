@@ -22,7 +22,12 @@ input dimensions flattened), y_n the target of row n, and the reduction's scale 
     BP1  δ^(L) = Q' ⊙ σ'_L(z^(L))   (the recursion, BP2-BP5, is :func:`torch_backprop.function.deltas`)
 
 The loss value itself is the ``torch.nn.functional`` call on h^(L) (log-softmax then NLL, as
-``F.cross_entropy`` runs it), so it is PyTorch's to the last bit.
+``F.cross_entropy`` runs it), so it is PyTorch's to the last bit. In eager mode Q' of FL1 and FL2
+(without label smoothing) is made in the backward by the kernels PyTorch's own loss backward runs
+(``mse_loss_backward``; ``nll_loss_backward`` then ``_log_softmax_backward_data``, which is
+s m (p - e_y) for unit weights), one or two kernels and no autograd node; label smoothing, FL3 and
+every traced or differentiable path (``create_graph=True``, torch.func, torch.compile) use the
+closed forms above, :func:`loss_and_gradient`.
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ from torch import Tensor, nn
 from .activations import Activation, ActivationLike, resolve_activations
 from .function import Stack, backward_phase, forward_phase, make_tape
 from .functional import _check_parameters, check_input, dropout_masks
+
+aten = torch.ops.aten
 
 __all__ = [
     "LOSSES",
@@ -268,11 +275,6 @@ def loss_and_gradient(
     logp = torch.log_softmax(h, 1)
     nll = torch._C._nn.nll_loss_nd(logp, target, weight, reduction, ignore)
     p = logp.exp()
-    if not differentiable and weight is None and eps == 0.0 and _nothing_ignored(target, ignore):
-        # the slides' start: softmax(h) - onehot(y), times s
-        s = 1.0 / rows if spec.reduction == "mean" else 1.0
-        p.scatter_add_(1, target.unsqueeze(1), p.new_full((1, 1), -1.0).expand(rows, 1))
-        return nll, p.mul_(s)
     kept = target != ignore  # m_n
     safe = target.masked_fill(~kept, 0)
     mask = kept.to(p.dtype)
@@ -298,11 +300,44 @@ def loss_and_gradient(
     return loss, grad
 
 
-def _nothing_ignored(target: Tensor, ignore: int) -> bool:
-    """Whether no target is ``ignore``; eager only (it reads values), traced code takes FL2's general form."""
-    if target.numel() == 0 or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
-        return False
-    return bool((target != ignore).all())
+def loss_forward(
+    spec: FusedLoss, h: Tensor, target: Tensor, weight: Tensor | None, pos_weight: Tensor | None
+) -> tuple[Tensor, str, tuple[Tensor, ...]]:
+    """``(Q, how, state)``: the loss, and what the eager backward reads to make Q' (:func:`loss_backward`).
+
+    MSE and cross-entropy without label smoothing keep what PyTorch's own loss-backward kernels read
+    (one or two kernels, no autograd node: FL1 and FL2 exactly); the others keep Q' itself.
+    """
+    reduction = _REDUCTION_ENUM[spec.reduction]
+    if spec.kind == "mse":
+        return torch._C._nn.mse_loss(h, target, reduction), "mse", (h,)
+    if spec.kind == "cross_entropy" and spec.label_smoothing == 0.0:
+        logp = torch.log_softmax(h, 1)
+        loss, total_weight = aten.nll_loss_forward(logp, target, weight, reduction, spec.ignore_index)
+        return loss, "nll", (logp, total_weight)
+    loss, q_prime = loss_and_gradient(spec, h, target, weight, pos_weight)
+    return loss, "q", (q_prime,)
+
+
+def loss_backward(
+    spec: FusedLoss,
+    how: str,
+    state: Sequence[Tensor],
+    grad_loss: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+) -> Tensor:
+    """∂Q/∂h^(L) times the upstream gradient: Q' of FL1-FL3 from :func:`loss_forward`'s state."""
+    reduction = _REDUCTION_ENUM[spec.reduction]
+    if how == "mse":
+        return aten.mse_loss_backward(grad_loss, state[0], target, reduction)  # FL1: 2 s (h - y)
+    if how == "nll":
+        logp, total_weight = state  # FL2: s m (T p - t), as -∂NLL/∂log p through log-softmax
+        grad = aten.nll_loss_backward(
+            grad_loss, logp, target, weight, reduction, spec.ignore_index, total_weight
+        )
+        return aten._log_softmax_backward_data(grad, logp, 1, logp.dtype)
+    return state[0] * grad_loss
 
 
 # ---------------------------------------------------------------------------------------------
@@ -347,7 +382,7 @@ class FusedLossFunction(torch.autograd.Function):
         ctx.mark_non_differentiable(*output[1:])
         depth = len(inputs[_TENSORS])
         forward = (output[2], output[3 : 2 + depth], output[2 + depth :])
-        _save(ctx, inputs, output[1], forward)
+        _save(ctx, inputs, "q", (output[1],), forward)
 
     @staticmethod
     def backward(ctx: Any, grad_loss: Tensor | None, *_: Tensor | None) -> tuple[Tensor | None, ...]:
@@ -356,18 +391,21 @@ class FusedLossFunction(torch.autograd.Function):
         nones = (None,) * (_TENSORS + _OPTIONS - 1)
         if grad_loss is None:
             return (None, *nones, *(None,) * (3 * depth - 1))
-        saved = ctx.saved_tensors  # x, target, weight, pos_weight, the flat Stack, Q', h^(L), hidden, z
+        saved = ctx.saved_tensors  # x, target, weight, pos_weight, the flat Stack, state, h^(L), hidden, z
         x, target, weight, pos_weight = saved[:_TENSORS]
         stack = Stack.unflatten(saved[_TENSORS : _TENSORS + 3 * depth - 1], depth)
-        kept = saved[_TENSORS + 3 * depth - 1 :]
+        state_end = _TENSORS + 3 * depth - 1 + ctx.state_size
+        state, kept = saved[_TENSORS + 3 * depth - 1 : state_end], saved[state_end:]
         if torch.is_grad_enabled():
-            # create_graph=True (and torch.func): rerun the forward phase and Q' under autograd, so
-            # that the recursion is differentiable in x, W, b and the upstream gradient
+            # create_graph=True (and torch.func): rerun the forward phase and Q' (closed form) under
+            # autograd, so that the recursion is differentiable in x, W, b and the upstream gradient
             forward = forward_phase(x, activations, stack)
             q_prime = loss_and_gradient(ctx.spec, forward[0], target, weight, pos_weight)[1]
+            grad_output = q_prime * grad_loss
         else:
-            q_prime, forward = kept[0], (kept[1], kept[2 : depth + 1], kept[depth + 1 :])
-        tape = make_tape(q_prime * grad_loss, x, activations, stack, forward, ctx.compute_dtype, False)
+            forward = (kept[0], kept[1:depth], kept[depth:])
+            grad_output = loss_backward(ctx.spec, ctx.how, state, grad_loss, target, weight)
+        tape = make_tape(grad_output, x, activations, stack, forward, ctx.compute_dtype, False)
         needs = ctx.needs_input_grad
         first = _TENSORS + _OPTIONS
         grad_x, grad_weights, grad_biases = (ctx.backward_phase or backward_phase)(
@@ -379,15 +417,18 @@ class FusedLossFunction(torch.autograd.Function):
         return (grad_x, *nones, *grad_weights, *grad_biases, *(None,) * (depth - 1))
 
 
-def _save(ctx: Any, inputs: Sequence[Any], q_prime: Tensor, forward: tuple[Tensor, Any, Any]) -> None:
+def _save(
+    ctx: Any, inputs: Sequence[Any], how: str, state: Sequence[Tensor], forward: tuple[Tensor, Any, Any]
+) -> None:
     x, target, weight, pos_weight, activations, spec, phase, *params = inputs
     ctx.set_materialize_grads(False)
     ctx.activations, ctx.spec, ctx.backward_phase = activations, spec, phase
+    ctx.how, ctx.state_size = how, len(state)
     ctx.compute_dtype = params[0].dtype
     h_last, hidden, pre_activations = forward
     if activations[-1].derivative_from != "h":
         h_last = None
-    ctx.save_for_backward(x, target, weight, pos_weight, *params, q_prime, h_last, *hidden, *pre_activations)
+    ctx.save_for_backward(x, target, weight, pos_weight, *params, *state, h_last, *hidden, *pre_activations)
 
 
 class _EagerFusedLossFunction(torch.autograd.Function):
@@ -397,8 +438,8 @@ class _EagerFusedLossFunction(torch.autograd.Function):
     def forward(ctx: Any, *inputs: Any) -> Tensor:
         x, target, weight, pos_weight, activations, spec, _, *params = inputs
         forward = forward_phase(x, activations, Stack.unflatten(params, len(activations)))
-        loss, q_prime = loss_and_gradient(spec, forward[0], target, weight, pos_weight)
-        _save(ctx, inputs, q_prime, forward)
+        loss, how, state = loss_forward(spec, forward[0], target, weight, pos_weight)
+        _save(ctx, inputs, how, state, forward)
         return loss
 
     backward = FusedLossFunction.backward
