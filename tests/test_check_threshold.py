@@ -19,7 +19,9 @@ def script():
     return module
 
 
-def case(sizes, manual_native, manual_compiled=0.9, floor_manual=0.95, recompute_manual=1.2):
+def case(
+    sizes, manual_native, manual_compiled=0.9, floor_manual=0.95, recompute_manual=1.2, fused_native=0.9
+):
     """A bench case record with the fields the script reads; 4-byte inputs of batch 8."""
     input_bytes = 8 * sizes[0] * 4
     return {
@@ -30,6 +32,7 @@ def case(sizes, manual_native, manual_compiled=0.9, floor_manual=0.95, recompute
             "manual/compiled": manual_compiled,
             "floor/manual": floor_manual,
             "recompute/manual": recompute_manual,
+            "fused/native": fused_native,
         },
         "input_bytes": input_bytes,
         "saved_bytes": {"manual": 100, "native": 100, "recompute": input_bytes},
@@ -73,3 +76,16 @@ def test_unmeasured_targets_do_not_fail(script, tmp_path, capsys):
     assert status == 0
     assert "| manual/compiled, median of the grid | – | 1.00 | not measured |" in rows
     assert not any("floor/manual" in row for row in rows)  # no [1024]*4 case in the grid
+
+
+def test_fused_target_missed_and_not_measured(script, tmp_path, capsys):
+    report = {
+        "cases": [case([8, 16, 1], 0.9, fused_native=1.05), case([784, 256, 10], 0.9, fused_native=0.9)]
+    }
+    status, rows, _ = run(script, tmp_path, report, capsys)
+    assert status == 1
+    assert "| fused/native, every case (max) | 1.050 | 1.00 | **no** |" in rows
+    del report["cases"][0]["ratios"]["fused/native"], report["cases"][1]["ratios"]["fused/native"]
+    status, rows, _ = run(script, tmp_path, report, capsys)
+    assert status == 0
+    assert "| fused/native, median of the grid | – | 0.95 | not measured |" in rows

@@ -9,7 +9,7 @@ from torch import nn
 from torch_backprop import BackpropMLP, activations
 from torch_backprop.activations import Activation
 from torch_backprop.cli import main
-from torch_backprop.verify import delta_norms
+from torch_backprop.verify import delta_norms, output_deltas
 
 
 @pytest.mark.parametrize(
@@ -83,3 +83,32 @@ def test_delta_norms_equal_an_independent_hand_written_chain_rule():
         torch.testing.assert_close(manual[k], z.grad, msg=f"delta^({k + 1}), manual")
         torch.testing.assert_close(native[k], z.grad, msg=f"delta^({k + 1}), native")
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_output_deltas_are_the_slides_bp1_in_closed_form():
+    """δ^(L) of the fused node equals (softmax(h) - onehot(y)) / N ⊙ σ'_L and 2 (h - y) / (N C) ⊙ σ'_L."""
+    torch.manual_seed(0)
+    model = BackpropMLP([5, 7, 3], activation="tanh", output_activation="tanh", dtype=torch.float64)
+    x = torch.randn(4, 5, dtype=torch.float64)
+    starts = {name: (ours, theirs) for name, ours, theirs in output_deltas(model, x, seed=3)}
+    generator = torch.Generator().manual_seed(3)
+    y = torch.randint(3, (4,), generator=generator)
+    values = torch.randn(4, 3, generator=generator, dtype=torch.float64)
+    with torch.no_grad():
+        h = model(x)
+    sigma_prime = 1 - h.square()
+    expected = {
+        "cross_entropy": (torch.softmax(h, 1) - nn.functional.one_hot(y, 3)) / 4 * sigma_prime,
+        "mse_loss": 2 * (h - values) / 12 * sigma_prime,
+    }
+    for name, value in expected.items():
+        ours, theirs = starts[name]
+        torch.testing.assert_close(ours, value, msg=f"{name}: slides' δ^(L)")
+        torch.testing.assert_close(theirs, value, msg=f"{name}: autograd's δ^(L)")
+    assert set(starts) == {"cross_entropy", "mse_loss", "binary_cross_entropy_with_logits"}
+
+
+def test_verify_show_deltas_prints_bp1_both_ways(capsys):
+    assert main(["verify", "--sizes", "6,8,4", "--show-deltas", "--no-gradcheck"]) == 0
+    out = capsys.readouterr().out
+    assert "slides' BP1" in out and "binary_cross_entropy_with_logits" in out

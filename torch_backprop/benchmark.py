@@ -1,10 +1,12 @@
 """The step-time benchmark behind ``torch-backprop bench``: BackpropMLP against native autograd and its floor.
 
 For each case of a grid (widths, batch, activation, dtype) it times one training step (zero the
-gradients, forward, loss, backward) of five contenders, interleaved and repeated because shared
+gradients, forward, loss, backward) of six contenders, interleaved and repeated because shared
 machines are noisy (:mod:`torch_backprop.timing`):
 
     manual     BackpropMLP, whose backward is the slides' δ recursion (slides 8-10)
+    fused      BackpropMLP.loss: forward phase, loss and backward phase in one autograd node, the
+               recursion started from the slides' BP1, δ^(L) = Q' ⊙ σ'_L (:mod:`torch_backprop.fused_loss`)
     native     its twin ``nn.Sequential`` (``BackpropMLP.to_sequential``) under plain autograd
     compiled   the twin under ``torch.compile`` (compiled and warmed up first; compile time excluded)
     floor      the matrix multiplies alone that any exact backprop does: per layer the forward
@@ -54,15 +56,18 @@ __all__ = [
     "parse_cases",
     "run_benchmark",
     "saved_bytes",
+    "fused_step",
     "training_step",
 ]
 
-CONTENDERS = ("manual", "native", "compiled", "floor", "recompute")
+CONTENDERS = ("manual", "fused", "native", "compiled", "floor", "recompute")
 
 # (numerator, denominator) of each reported ratio; all are step-time ratios.
 RATIOS = {
     "manual/native": ("manual", "native"),
     "manual/compiled": ("manual", "compiled"),
+    "fused/native": ("fused", "native"),
+    "fused/compiled": ("fused", "compiled"),
     "floor/manual": ("floor", "manual"),
     "recompute/manual": ("recompute", "manual"),
 }
@@ -237,6 +242,18 @@ def training_step(
     return step
 
 
+def fused_step(model: BackpropMLP, x: Tensor, target: Tensor, loss: str) -> Callable[[], None]:
+    """One training step with the loss inside the stack: ``model.loss(x, target, loss).backward()``."""
+    parameters = list(model.parameters())
+
+    def step() -> None:
+        for p in parameters:
+            p.grad = None
+        model.loss(x, target, loss).backward()
+
+    return step
+
+
 def _peak_bytes(step: Callable[[], None], device: torch.device) -> int:
     """Peak CUDA memory above the resting level during one ``step()``."""
     torch.cuda.synchronize(device)
@@ -273,12 +290,14 @@ def _prepare(case: Case, settings: Settings, log: Callable[[str], None]) -> _Pre
     torch.manual_seed(settings.seed)
     manual = BackpropMLP(case.sizes, activation=case.activation, device=device, dtype=dtype)
     recompute = copy.deepcopy(manual)
+    fused = copy.deepcopy(manual)
     recompute.recompute = True
     native = manual.to_sequential()
     x, target = case.data(device, dtype)
 
     steps: dict[str, Callable[[], None]] = {
         "manual": training_step(manual, list(manual.parameters()), x, target, case.loss),
+        "fused": fused_step(fused, x, target, case.loss),
         "native": training_step(native, list(native.parameters()), x, target, case.loss),
         "floor": matmul_floor(case.sizes, case.batch, dtype, device),
         "recompute": training_step(recompute, list(recompute.parameters()), x, target, case.loss),
@@ -362,7 +381,7 @@ def _record(prepared: _Prepared, device: torch.device) -> dict[str, Any]:
 def measure_grid(
     cases: Sequence[Case], settings: Settings, log: Callable[[str], None] = lambda _: None
 ) -> list[dict[str, Any]]:
-    """Time, and count the saved bytes of, the five contenders on every case.
+    """Time, and count the saved bytes of, the six contenders on every case.
 
     Every case is built (and compiled) first; then each round measures every case once, so that a
     case's rounds spread over the whole run and a burst of load from other processes touches only

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import module as _module_hooks
 
-from . import interop
+from . import fused_loss, interop
 from .activations import Activation, ActivationLike, activation_from_module, resolve_activations
 from .functional import check_input, checked_mlp
 
@@ -168,6 +168,87 @@ class BackpropMLP(nn.Module):
             self.training,
             self.recompute,
             phase,
+        )
+
+    def loss(
+        self,
+        input: Tensor,
+        target: Tensor,
+        loss: str | nn.Module | Callable[..., Tensor] = "cross_entropy",
+        reduction: str | None = None,
+        *,
+        weight: Tensor | None = None,
+        ignore_index: int = -100,
+        label_smoothing: float = 0.0,
+        pos_weight: Tensor | None = None,
+    ) -> Tensor:
+        r"""The loss of the stack's output in one autograd node, whose backward starts from the slides' BP1.
+
+        Equals ``F.cross_entropy(model(input).reshape(-1, C), target.reshape(-1), ...)``,
+        ``F.mse_loss(model(input), target)`` or ``F.binary_cross_entropy_with_logits(model(input),
+        target)``, value and gradients (:mod:`torch_backprop.fused_loss`, FL1-FL3): instead of
+        the loss's own autograd nodes, the backward starts the recursion from
+        δ^(L) = Q'(h^(L) - y) ⊙ σ'_L(z^(L)). ``model(input)`` followed by any loss works as before.
+        Where the fused node could not be exact (autocast, a target or weight that requires grad,
+        layers that must run one by one) the native loss on ``model(input)`` is returned instead.
+
+        Args:
+            input: ``(*, H_in)``.
+            target: class indices ``(*)`` (int64) for cross-entropy, else ``(*, H_out)`` in the
+                output's dtype.
+            loss: ``"cross_entropy"``, ``"mse_loss"`` (or ``"mse"``), ``"binary_cross_entropy_with_logits"``
+                (or ``"bce_with_logits"``); the ``F`` function itself, or ``nn.CrossEntropyLoss``,
+                ``nn.MSELoss``, ``nn.BCEWithLogitsLoss`` modules (with their options).
+            reduction: ``"mean"`` or ``"sum"``; default: the module's, else ``"mean"``.
+            weight: cross-entropy's class weights ``(C,)``; binary cross-entropy's ``weight``
+                ``(C,)`` or the target's shape.
+            ignore_index: cross-entropy's ignored class index (default -100).
+            label_smoothing: cross-entropy's ε in [0, 1].
+            pos_weight: binary cross-entropy's ``pos_weight`` ``(C,)``.
+
+        Returns:
+            The 0-d loss.
+
+        Raises:
+            ValueError, TypeError: an unknown loss or reduction, an option the loss does not take,
+                a target of the wrong shape or dtype, a bad input (as for ``forward``); inside
+                :func:`~torch_backprop.per_sample`, a reduction other than the block's. All before
+                anything is computed.
+
+        Example:
+            >>> model = BackpropMLP([784, 256, 10])
+            >>> x, y = torch.randn(64, 784), torch.randint(10, (64,))
+            >>> model.loss(x, y, "cross_entropy").backward()
+        """
+        spec, weight, pos_weight = fused_loss.resolve_loss(
+            loss,
+            reduction,
+            weight=weight,
+            ignore_index=ignore_index,
+            label_smoothing=label_smoothing,
+            pos_weight=pos_weight,
+        )
+        weights, biases, plain, hooked = self._stack_parameters()
+        check_input(input, weights[0], "BackpropMLP.loss")
+        fused_loss.check_target(spec, input, target, weights[-1].dtype, self.out_features, weight, pos_weight)
+        phase = self.backward_phase
+        fused_loss.check_per_sample(spec, phase, target, weight)
+        if not plain or hooked or not fused_loss.fusable(input, target, weight, pos_weight):
+            return spec.native(self(input), target, weight, pos_weight)
+        if phase is not None and hasattr(phase, "bind"):
+            phase = phase.bind(self, input)
+        return fused_loss.stack_loss(
+            input,
+            target,
+            weight,
+            pos_weight,
+            weights,
+            biases,
+            self.activations,
+            self.dropout,
+            self.training,
+            phase,
+            spec,
         )
 
     def _stack_parameters(self) -> tuple[list[Tensor], list[Tensor | None], bool, bool]:

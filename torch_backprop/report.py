@@ -37,6 +37,7 @@ def _bytes(count: int | None) -> str:
 TABLE_COLUMNS = (
     "case",
     "manual ms",
+    "fused ms",
     "native ms",
     "compiled ms",
     "floor ms",
@@ -59,7 +60,10 @@ def format_table(report: dict[str, Any]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join(["---"] + ["---:"] * (len(columns) - 1)) + "|"]
     for c in report["cases"]:
         t, saved = c["median_s"], c["saved_activation_bytes"]
-        row = [c["name"], *(_ms(t[name]) for name in ("manual", "native", "compiled", "floor", "recompute"))]
+        row = [
+            c["name"],
+            *(_ms(t[name]) for name in ("manual", "fused", "native", "compiled", "floor", "recompute")),
+        ]
         row += [_x(c["ratios"][key]) for key in RATIOS]
         row += [_bytes(saved["manual"]), _bytes(saved["native"]), _bytes(saved["recompute"])]
         if cuda:
@@ -68,7 +72,9 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append("| " + " | ".join(row) + " |")
     if report["cases"]:
         medians = report["summary"]["median_ratios"]
-        row = ["**median**", *[""] * 5, *(_x(medians[key]) for key in RATIOS), *[""] * (len(columns) - 10)]
+        times = 6
+        row = ["**median**", *[""] * times, *(_x(medians[key]) for key in RATIOS)]
+        row += [""] * (len(columns) - len(row))
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -90,7 +96,7 @@ def impossible_ratios(report: dict[str, Any]) -> list[str]:
 
 
 def plot_ratios(report: dict[str, Any], path: str | os.PathLike[str]) -> None:
-    """Bar chart of the four ratios per case (1.0 marked), saved atomically as an image.
+    """Bar chart of the ratios per case (1.0 marked), saved atomically as an image.
 
     Raises:
         ImportError: matplotlib is not installed (``pip install torch-backprop[plot]``).

@@ -9,7 +9,10 @@ on the manual backward in float64. Exits 1 on any mismatch.
 ``--show-deltas`` adds the norm of each δ^(l) = ∂Q/∂z^(l), the slides' intermediate variable
 (slides 8-10): read from the manual recursion itself (:func:`torch_backprop.function.deltas`) and,
 independently, from autograd on the twin's pre-activations, so vanishing or exploding gradients
-show at a glance and the two columns check each other.
+show at a glance and the two columns check each other. It also shows δ^(L) started as the slides
+start it, BP1 with the loss inside the stack (δ^(L) = Q'(h^(L) - y) ⊙ σ'_L(z^(L)),
+:mod:`torch_backprop.fused_loss`), beside autograd's ∂Q/∂h^(L) ⊙ σ'_L on the twin, for each fused
+loss on random targets.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import fused_loss
 from .activations import available_activations
 from .cli import number, positive_ints
 from .devices import select_device
@@ -37,7 +41,7 @@ from .testing import (
     tolerances,
 )
 
-__all__ = ["add_arguments", "delta_norms", "run"]
+__all__ = ["add_arguments", "delta_norms", "output_deltas", "run"]
 
 _TOLERANCE = number(float, low=0)
 
@@ -142,6 +146,53 @@ def delta_norms(
     return [d for d in manual if d is not None], native
 
 
+def output_deltas(model: BackpropMLP, x: Tensor, seed: int = 0) -> list[tuple[str, Tensor, Tensor]]:
+    """δ^(L) both ways for each fused loss on random targets: ``(loss, slides', autograd's)``.
+
+    The slides' δ^(L) is the one the fused node (:meth:`BackpropMLP.loss`) starts its recursion with,
+    BP1 = Q'(h^(L) - y) ⊙ σ'_L(z^(L)); autograd's is ∂Q/∂z^(L) of the native loss on the twin.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    rows, classes = x.shape[0], model.out_features
+    factory: dict[str, Any] = {"dtype": x.dtype}
+    targets = {
+        "cross_entropy": torch.randint(classes, (rows,), generator=generator),
+        "mse_loss": torch.randn(rows, classes, generator=generator, **factory),
+        "binary_cross_entropy_with_logits": torch.rand(rows, classes, generator=generator, **factory),
+    }
+    weights = [layer.weight for layer in model.layers]
+    biases = [layer.bias for layer in model.layers]
+    results = []
+    for name, target in targets.items():
+        target = target.to(x.device)
+        recorded: list[Tensor] = []
+
+        def recording_phase(tape: Tape, recorded: list[Tensor] = recorded, **needs: Any) -> Any:
+            recorded.append(next(deltas(tape))[1].detach().clone())  # BP1: δ^(L)
+            return backward_phase(tape, **needs)
+
+        spec, _, _ = fused_loss.resolve_loss(name, "mean")
+        x_ours = x.detach().clone().requires_grad_()
+        fused_loss.stack_loss(
+            x_ours, target, None, None, weights, biases, model.activations, 0.0, False, recording_phase, spec
+        ).backward()
+
+        twin = model.to_sequential().eval()
+        last = [m for m in twin if isinstance(m, nn.Linear)][-1]
+        kept: list[Tensor] = []
+
+        def keep(module: nn.Module, inputs: Any, z: Tensor, kept: list[Tensor] = kept) -> None:
+            z.retain_grad()
+            kept.append(z)
+
+        handle = last.register_forward_hook(keep)
+        spec.native(twin(x.detach()), target, None, None).backward()
+        handle.remove()
+        results.append((name, recorded[0], kept[0].grad))
+    model.zero_grad(set_to_none=True)
+    return results
+
+
 def _gradcheck(model: BackpropMLP, x: Tensor) -> tuple[bool, str]:
     """``torch.autograd.gradcheck`` of the manual backward in float64 (fast mode for large stacks)."""
     params64 = [layer.weight.detach().double().requires_grad_() for layer in model.layers]
@@ -243,6 +294,24 @@ def run(args: argparse.Namespace) -> int:
         if not all(torch.allclose(m, n, rtol=rtol, atol=atol) for m, n in zip(manual, native, strict=True)):
             print("deltas: MISMATCH between the manual recursion and autograd")
             failures.append("deltas")
+        print(
+            "δ^(L), BP1: the slides' start Q'(h^(L) - y) ⊙ σ'_L(z^(L)) (model.loss) and autograd's ∂Q/∂z^(L)"
+        )
+        rows = [["loss (mean)", "‖δ^(L)‖ slides' BP1", "‖δ^(L)‖ autograd", "max abs diff"]]
+        starts = output_deltas(model, x, args.seed)
+        for name, ours, theirs in starts:
+            rows.append(
+                [
+                    name,
+                    f"{ours.norm().item():.4e}",
+                    f"{theirs.norm().item():.4e}",
+                    f"{(ours - theirs).abs().max().item():.3e}",
+                ]
+            )
+        print(format_table(rows))
+        if not all(torch.allclose(o, t, rtol=rtol, atol=atol) for _, o, t in starts):
+            print("BP1: MISMATCH between the slides' start and autograd")
+            failures.append("BP1")
 
     if not args.no_gradcheck:
         ok, what = _gradcheck(model, x)
