@@ -44,7 +44,7 @@ TARGETS: list[tuple[str, Callable[[Report], float | None], float, bool]] = [
     ("manual/native, median of the grid", lambda r: _median(_ratios(r, "manual/native")), 0.95, True),
     ("manual/native, every case (max)", lambda r: _largest(_ratios(r, "manual/native")), 1.00, True),
     ("manual/compiled, median of the grid", lambda r: _median(_ratios(r, "manual/compiled")), 1.00, True),
-    # The loss inside the stack (BackpropMLP.loss, the slides' BP1): issue 14's goal.
+    # The loss inside the stack (BackpropMLP.loss, the slides' BP1): the project's goal for it.
     ("fused/native, median of the grid", lambda r: _median(_ratios(r, "fused/native")), 0.95, True),
     ("fused/native, every case (max)", lambda r: _largest(_ratios(r, "fused/native")), 1.00, True),
     (
