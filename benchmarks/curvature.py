@@ -52,9 +52,9 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from torch_backprop import BackpropMLP, curvature
-from torch_backprop.benchmark import DEFAULT_ACTIVATIONS, Case, Settings, matmul_floor, parse_cases
-from torch_backprop.files import write_json as write_report
-from torch_backprop.timing import interleaved_medians, machine_info
+from torch_backprop.cli.bench import DEFAULT_ACTIVATIONS, Case, Settings, matmul_floor, parse_cases
+from torch_backprop.cli.files import write_json as write_report
+from torch_backprop.cli.timing import interleaved_medians, machine_info
 
 QUANTITIES = ("diag_ggn_exact", "diag_ggn_mc", "kfac")
 BACKPACK_ACTIVATIONS = {"relu", "tanh", "sigmoid"}  # those of BackPACK's DiagGGN and KFAC modules

@@ -30,8 +30,8 @@ import torch
 from torch import Tensor, nn
 
 from torch_backprop import BackpropMLP
-from torch_backprop.benchmark import Case, parse_cases, training_step
-from torch_backprop.timing import interleaved_medians
+from torch_backprop.cli.bench import Case, parse_cases, training_step
+from torch_backprop.cli.timing import interleaved_medians
 
 relu_backward_into = torch.ops.aten.threshold_backward.grad_input
 

@@ -18,14 +18,14 @@ import sys
 
 from torch.utils.benchmark import Timer
 
-from torch_backprop.benchmark import Case, parse_cases
+from torch_backprop.cli.bench import Case, parse_cases
 
 # The step is torch-backprop bench's (zero the gradients, forward, loss, backward), on the same
 # loss: MSE for width-1 outputs, cross-entropy otherwise.
 SETUP = """
 import torch
 from torch_backprop import BackpropMLP
-from torch_backprop.benchmark import Case, training_step
+from torch_backprop.cli.bench import Case, training_step
 
 torch.manual_seed(0)
 manual = BackpropMLP({sizes}, activation="{activation}")

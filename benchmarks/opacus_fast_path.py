@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from torch_backprop import BackpropMLP
-from torch_backprop.timing import interleaved_medians
+from torch_backprop.cli.timing import interleaved_medians
 
 warnings.filterwarnings("ignore")  # Opacus's notices about secure RNG and hooks
 

@@ -32,9 +32,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from torch_backprop.files import write_json
+from torch_backprop.cli.files import write_json
+from torch_backprop.cli.timing import TIMERS, interleaved_medians, machine_info, threads
 from torch_backprop.testing import format_table
-from torch_backprop.timing import TIMERS, interleaved_medians, machine_info, threads
 
 ROOT = Path(__file__).resolve().parent.parent
 

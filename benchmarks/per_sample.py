@@ -42,8 +42,8 @@ from torch.func import functional_call, grad, vmap
 from torch.utils.benchmark import Timer
 
 from torch_backprop import AdaptiveClipping, BackpropMLP, dp_sgd_step, per_sample
-from torch_backprop.files import write_json
-from torch_backprop.timing import interleaved_medians, machine_info
+from torch_backprop.cli.files import write_json
+from torch_backprop.cli.timing import interleaved_medians, machine_info
 
 Step = Callable[[], None]
 

@@ -21,8 +21,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from torch_backprop import BackpropMLP
-from torch_backprop.benchmark import Case, parse_cases, training_step
-from torch_backprop.timing import rotated
+from torch_backprop.cli.bench import Case, parse_cases, training_step
+from torch_backprop.cli.timing import rotated
 
 MATMULS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear"}
 

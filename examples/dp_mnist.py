@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from torch_backprop import BackpropMLP, dp_sgd_step, per_sample
-from torch_backprop.data import DataError, load_dataset
+from torch_backprop.cli.data import DataError, load_dataset
 
 
 def load_mnist(root: Path | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from torch_backprop import BackpropMLP
-from torch_backprop.data import DataError, load_dataset
+from torch_backprop.cli.data import DataError, load_dataset
 
 BINS = 15
 

@@ -7,8 +7,7 @@ import statistics
 
 import pytest
 
-from torch_backprop import benchmark
-from torch_backprop.report import TABLE_COLUMNS
+from torch_backprop.cli import bench
 
 
 def check_report(report: dict, cases: int, compiled: bool) -> None:
@@ -17,7 +16,7 @@ def check_report(report: dict, cases: int, compiled: bool) -> None:
     assert len(report["cases"]) == cases
     for case in report["cases"]:
         medians = case["median_s"]
-        assert set(medians) == set(benchmark.CONTENDERS)
+        assert set(medians) == set(bench.CONTENDERS)
         for name, seconds in medians.items():
             if name == "compiled" and not compiled:
                 assert seconds is None
@@ -26,7 +25,7 @@ def check_report(report: dict, cases: int, compiled: bool) -> None:
             rounds = case["rounds_s"][name]
             assert len(rounds) == report["settings"]["rounds"]
             assert medians[name] == pytest.approx(statistics.median(rounds))
-        for key, (numerator, denominator) in benchmark.RATIOS.items():
+        for key, (numerator, denominator) in bench.RATIOS.items():
             ratio = case["ratios"][key]
             if medians[numerator] is None or medians[denominator] is None:
                 assert ratio is None
@@ -53,7 +52,8 @@ def check_report(report: dict, cases: int, compiled: bool) -> None:
 def check_table(table: str, report: dict) -> None:
     lines = [line for line in table.splitlines() if line.startswith("|")]
     header = [cell.strip() for cell in lines[0].strip("|").split("|")]
-    assert header == list(TABLE_COLUMNS)
+    times = [f"{name} ms" for name in bench.CONTENDERS]
+    assert header == ["case", *times, *bench.RATIOS, "saved manual", "saved native", "saved recompute"]
     rows = lines[2 : 2 + len(report["cases"])]
     for row, case in zip(rows, report["cases"], strict=True):
         cells = [cell.strip() for cell in row.strip("|").split("|")]
@@ -66,11 +66,9 @@ def check_table(table: str, report: dict) -> None:
             number = float(cell.split()[0])
             assert math.isfinite(number), (column, cell)
             # a tiny case's floor/manual may print as 0.000; times and bytes are positive
-            assert number >= 0 if column in benchmark.RATIOS else number > 0, (column, cell)
+            assert number >= 0 if column in bench.RATIOS else number > 0, (column, cell)
         shown = {
-            key: float(cells[header.index(key)])
-            for key in benchmark.RATIOS
-            if cells[header.index(key)] != "–"
+            key: float(cells[header.index(key)]) for key in bench.RATIOS if cells[header.index(key)] != "–"
         }
         for key, value in shown.items():
             assert value == pytest.approx(case["ratios"][key], abs=5e-4)

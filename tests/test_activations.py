@@ -8,7 +8,7 @@ from conftest import assert_matches_native
 from torch import nn
 
 from torch_backprop import BackpropMLP, available_activations, get_activation, register_activation
-from torch_backprop import activations as registry
+from torch_backprop.core import activations as registry
 
 
 @pytest.fixture(autouse=True)

@@ -9,9 +9,8 @@ import pytest
 import torch
 from benchmark_checks import check_report, check_table
 
-from torch_backprop import benchmark
-from torch_backprop.cli import main
-from torch_backprop.report import format_table, impossible_ratios, plot_ratios
+from torch_backprop.cli import bench, main
+from torch_backprop.cli.bench_report import format_table, impossible_ratios, plot_ratios
 
 
 def test_command_line_prints_the_table_and_writes_json_and_plot(tmp_path, capsys) -> None:
@@ -35,7 +34,7 @@ def test_command_line_prints_the_table_and_writes_json_and_plot(tmp_path, capsys
 
 
 def test_table_and_plot_of_a_report(tmp_path) -> None:
-    settings = benchmark.Settings(
+    settings = bench.Settings(
         shapes=[((8, 16, 10), 16)],
         activations=["relu", "gelu"],
         rounds=2,
@@ -43,7 +42,7 @@ def test_table_and_plot_of_a_report(tmp_path) -> None:
         compile=False,
         threads=1,
     )
-    report = benchmark.run_benchmark(settings)
+    report = bench.run_benchmark(settings)
     check_table(format_table(report), report)
     pytest.importorskip("matplotlib")
     plot_ratios(report, tmp_path / "deep" / "ratios.png")
@@ -72,19 +71,19 @@ def test_cuda_without_cuda_is_refused(monkeypatch, capsys) -> None:
 
 
 def test_an_impossible_floor_ratio_is_warned_about(monkeypatch, capsys) -> None:
-    settings = benchmark.Settings(
+    settings = bench.Settings(
         shapes=[((8, 16, 10), 16), ((8, 8, 2), 4)],
         activations=["relu"],
         rounds=2,
         min_run_time=1e-3,
         compile=False,
     )
-    report = benchmark.run_benchmark(settings)
+    report = bench.run_benchmark(settings)
     busy, quiet = report["cases"]
     busy["ratios"]["floor/manual"], quiet["ratios"]["floor/manual"] = 1.08, 0.5  # as seen under load
     warnings = impossible_ratios(report)
     assert len(warnings) == 1 and busy["name"] in warnings[0] and "1.080 > 1" in warnings[0]
-    monkeypatch.setattr("torch_backprop.bench.run_benchmark", lambda settings, log: report)
+    monkeypatch.setattr("torch_backprop.cli.bench.run_benchmark", lambda settings, log: report)
     assert main(["bench", "--quick"]) == 0
     err = capsys.readouterr().err
     assert f"torch-backprop bench: warning: {busy['name']}: floor/manual 1.080 > 1" in err

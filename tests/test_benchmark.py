@@ -13,8 +13,8 @@ from benchmark_checks import check_report, check_table
 from torch import nn
 
 from torch_backprop import BackpropMLP
-from torch_backprop import benchmark as bench
-from torch_backprop.report import format_table
+from torch_backprop.cli import bench
+from torch_backprop.cli.bench_report import format_table
 
 TINY = [((8, 16, 16, 1), 32), ((8, 16, 10), 16)]
 

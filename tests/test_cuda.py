@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from conftest import GRAD_TOLERANCE, OUTPUT_TOLERANCE, assert_close, assert_matches_native, cuda, run_and_grad
 
 from torch_backprop import BackpropMLP, available_activations
-from torch_backprop.functional import dropout_masks
+from torch_backprop.core.phases import dropout_masks
 
 pytestmark = cuda
 

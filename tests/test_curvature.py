@@ -21,7 +21,7 @@ from torch import nn
 
 from torch_backprop import ggn_vector_product
 from torch_backprop.activations import available_activations, get_activation
-from torch_backprop.second_order import output_jacobians
+from torch_backprop.secondorder.products import output_jacobians
 
 backpack = pytest.importorskip("backpack")
 from backpack import extensions as bp  # noqa: E402

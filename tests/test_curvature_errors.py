@@ -10,7 +10,7 @@ from torch import nn
 
 from torch_backprop import BackpropMLP, curvature, ggn_vector_product, per_sample
 from torch_backprop.activations import Activation
-from torch_backprop.curvature import QUANTITIES
+from torch_backprop.secondorder.curvature import QUANTITIES
 
 
 def attributes(model: nn.Module) -> list[str]:

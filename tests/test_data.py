@@ -12,7 +12,7 @@ from _train_helpers import synthetic_digits, write_idx, write_synthetic_mnist
 from torchvision import transforms
 from torchvision.datasets.mnist import read_image_file, read_label_file
 
-from torch_backprop.data import (
+from torch_backprop.cli.data import (
     DATASETS,
     MNIST_10K_SHA256,
     DataError,

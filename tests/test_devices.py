@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from torch_backprop.cli import main
-from torch_backprop.devices import select_device
+from torch_backprop.cli.options import select_device
 
 
 def test_cpu_and_auto_without_cuda(monkeypatch):

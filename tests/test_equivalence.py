@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from torch_backprop import BackpropMLP, available_activations, get_activation
-from torch_backprop.functional import dropout_masks
+from torch_backprop.core.phases import dropout_masks
 
 # Widths per depth, each with a width-1 layer somewhere (hidden or output).
 SIZES = {

@@ -10,7 +10,7 @@ import stat
 import pytest
 import torch
 
-from torch_backprop.files import atomic_write, write_figure, write_json, write_torch
+from torch_backprop.cli.files import atomic_write, write_figure, write_json, write_torch
 
 
 def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):

@@ -10,7 +10,7 @@ from torch import nn
 from torch.func import grad, vmap
 
 from torch_backprop import BackpropMLP, available_activations, per_sample
-from torch_backprop.fused_loss import mlp_loss
+from torch_backprop.functional import mlp_loss
 
 SIZES = [5, 7, 6, 4]
 LOSSES = ("cross_entropy", "mse_loss", "binary_cross_entropy_with_logits")

@@ -6,7 +6,7 @@ import statistics
 
 import pytest
 
-from torch_backprop import timing
+from torch_backprop.cli import timing
 
 
 def test_rotated():

@@ -14,9 +14,9 @@ import torch
 import torchvision.datasets.mnist
 from _train_helpers import ROOT, write_synthetic_mnist
 
-from torch_backprop import BackpropMLP, checkpoint
-from torch_backprop.cli import main
-from torch_backprop.data import load_dataset
+from torch_backprop import BackpropMLP
+from torch_backprop.cli import main, run_folder
+from torch_backprop.cli.data import load_dataset
 
 # Lockstep divergence: both backends run the same float32 products on the same batches, so they
 # may differ only by summation order inside the kernels; a few float32 ulps of the weights (~1e-7)
@@ -144,7 +144,7 @@ def test_resume_reproduces_an_uninterrupted_run_exactly(mnist_root, tmp_path, mo
     ]
     assert main(synthetic_args(mnist_root, tmp_path / "straight", *options)) == 0
 
-    real_write = checkpoint.write_epoch
+    real_write = run_folder.write_epoch
     calls = []
 
     def crash_after_first_epoch(*args, **kwargs):
@@ -152,11 +152,11 @@ def test_resume_reproduces_an_uninterrupted_run_exactly(mnist_root, tmp_path, mo
         calls.append(1)
         raise KeyboardInterrupt  # the process dies right after epoch 1's checkpoint
 
-    monkeypatch.setattr(checkpoint, "write_epoch", crash_after_first_epoch)
+    monkeypatch.setattr(run_folder, "write_epoch", crash_after_first_epoch)
     interrupted = tmp_path / "interrupted"
     assert main(synthetic_args(mnist_root, interrupted, *options)) == 130
     assert calls == [1] and metrics(interrupted)["epochs"][-1]["epoch"] == 1
-    monkeypatch.setattr(checkpoint, "write_epoch", real_write)
+    monkeypatch.setattr(run_folder, "write_epoch", real_write)
     assert main(synthetic_args(mnist_root, interrupted, *options, "--resume", str(interrupted))) == 0
 
     straight = torch.load(tmp_path / "straight" / "model.pt", weights_only=True)

@@ -15,8 +15,8 @@ import pytest
 import torch
 from _train_helpers import ROOT
 
-from torch_backprop import BackpropMLP, checkpoint, training
-from torch_backprop.cli import main
+from torch_backprop import BackpropMLP
+from torch_backprop.cli import main, run_folder, train
 
 FAKE = ["train", "--dataset", "fake", "--fake-size", "64", "--hidden", "8", "--batch-size", "16"]
 SCHEDULES = {
@@ -48,15 +48,15 @@ def assert_same_model(a: Path, b: Path) -> None:
 
 def crash_after(epochs: int, monkeypatch) -> None:
     """The next run dies (KeyboardInterrupt) right after writing epoch ``epochs``'s files."""
-    real_write = checkpoint.write_epoch
+    real_write = run_folder.write_epoch
 
     def write_then_die(out, trainees, history, config, epoch, device):
         real_write(out, trainees, history, config, epoch, device)
         if epoch == epochs:
-            monkeypatch.setattr(checkpoint, "write_epoch", real_write)
+            monkeypatch.setattr(run_folder, "write_epoch", real_write)
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(checkpoint, "write_epoch", write_then_die)
+    monkeypatch.setattr(run_folder, "write_epoch", write_then_die)
 
 
 @pytest.mark.parametrize("schedule", list(SCHEDULES))
@@ -120,7 +120,7 @@ def test_resume_rewrites_model_and_metrics_that_lag_the_checkpoint(tmp_path, mon
     def die(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(training, "_train_epoch", die)
+    monkeypatch.setattr(train, "_train_epoch", die)
     assert main([*FAKE, "--epochs", "3", "--resume", str(out)]) == 130  # dies before training epoch 3
     saved = torch.load(out / "checkpoint.pt", weights_only=True)
     assert saved["epoch"] == 2 and len(metrics(out)["epochs"]) == 2
@@ -168,7 +168,7 @@ def test_a_corrupt_or_foreign_checkpoint_is_one_line(content, reason, tmp_path, 
 
 def test_a_second_run_into_a_folder_in_use_fails_at_once_naming_the_first(tmp_path, capsys):
     out = tmp_path / "run"
-    with checkpoint.RunFolder(out, resume=None, overwrite=False):
+    with run_folder.RunFolder(out, resume=None, overwrite=False):
         assert (out / ".lock").read_text().strip() == str(os.getpid())
         started = time.perf_counter()
         assert main([*FAKE, "--epochs", "1", "--out", str(out)]) == 2

@@ -10,8 +10,7 @@ import pytest
 import torch
 from _train_helpers import ROOT
 
-from torch_backprop import training
-from torch_backprop.cli import main
+from torch_backprop.cli import main, train
 
 FAKE = ["train", "--dataset", "fake", "--fake-size", "64", "--hidden", "8", "--batch-size", "32"]
 
@@ -35,7 +34,7 @@ def no_data(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("data was loaded before the options were checked")
 
-    monkeypatch.setattr(training, "_load_data", refuse)
+    monkeypatch.setattr(train, "_load_data", refuse)
 
 
 @pytest.mark.parametrize(
@@ -121,12 +120,12 @@ def test_resume_from_a_missing_folder_is_refused(no_data, tmp_path, capsys):
 
 
 def test_a_failed_run_leaves_no_empty_out_folder(tmp_path, monkeypatch, capsys):
-    from torch_backprop.data import DataError
+    from torch_backprop.cli.data import DataError
 
     def offline(*args, **kwargs):
         raise DataError("cannot load dataset 'mnist': offline")
 
-    monkeypatch.setattr(training, "load_dataset", offline)
+    monkeypatch.setattr(train, "load_dataset", offline)
     out = tmp_path / "new" / "run"
     assert main(["train", "--out", str(out)]) == 2
     assert "offline" in capsys.readouterr().err

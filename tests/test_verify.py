@@ -6,10 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from torch_backprop import BackpropMLP, activations
+from torch_backprop import BackpropMLP
 from torch_backprop.activations import Activation
 from torch_backprop.cli import main
-from torch_backprop.verify import delta_norms, output_deltas
+from torch_backprop.cli.verify import delta_norms, output_deltas
+from torch_backprop.core import activations
 
 
 @pytest.mark.parametrize(

@@ -3,19 +3,26 @@
 The δ recursion of "Backpropagation of Deep Neural Network" (A. Tse, UCL, 2022) as one
 ``torch.autograd.Function`` for a whole fully connected stack (:class:`MLPFunction`), wrapped as an
 ``nn.Module`` (:class:`BackpropMLP`) and proven equal to native autograd by the test suite.
+
+The package has four rooms, each a subpackage whose docstring says what it holds and may import:
+``core`` (the slides: activations, phases, the autograd nodes, the module), ``firstorder``
+(per-sample gradients, clipping, DP-SGD), ``secondorder`` (curvature, Laplace) and ``cli`` (the
+``torch-backprop`` command). Every public name is exported here; ``torch_backprop.activations``,
+``torch_backprop.functional``, ``torch_backprop.testing`` and ``torch_backprop.laplace`` are the
+public paths of those modules.
 """
 
 from __future__ import annotations
 
 from . import activations, functional, testing
-from .activations import Activation, available_activations, get_activation, register_activation
-from .clipping import AdaptiveClipping
-from .curvature import curvature
-from .dp import dp_sgd_step
-from .function import MLPFunction
-from .module import BackpropMLP
-from .per_sample import per_sample
-from .second_order import ggn_vector_product
+from .core.activations import Activation, available_activations, get_activation, register_activation
+from .core.function import MLPFunction
+from .core.module import BackpropMLP
+from .firstorder.clipping import AdaptiveClipping
+from .firstorder.dp_sgd import dp_sgd_step
+from .firstorder.per_sample import per_sample
+from .secondorder.curvature import curvature
+from .secondorder.products import ggn_vector_product
 
 __all__ = [
     "Activation",

@@ -1,4 +1,9 @@
-"""The training loop behind ``torch-backprop train``: a BackpropMLP (or its native twin) on a dataset.
+"""``torch-backprop train``: train a BackpropMLP (or its native twin) on a dataset.
+
+The command top-down: its options (checked by their argparse types before any work, then by
+:func:`validate`), the training loop (:func:`fit`) and :func:`run`, which reports errors as one line.
+The run's files (checkpoint, ``--resume``, the lock on ``--out``) are
+:mod:`torch_backprop.cli.run_folder`, the data :mod:`torch_backprop.cli.data`.
 
 ``--backend manual`` trains :class:`~torch_backprop.BackpropMLP`, whose backward is the slides'
 δ recursion (slides 8-10); ``--backend autograd`` trains its native twin
@@ -9,7 +14,7 @@ largest parameter difference between them.
 Batch order is a function of ``--seed`` and the epoch only (a ``DistributedSampler`` with one or
 more replicas), so ``--resume`` continues exactly and ``torchrun --nproc-per-node N`` splits the
 same global batches (``--batch-size`` is global) over N processes, with ``DistributedDataParallel``
-(gloo on CPU, nccl on CUDA). Only rank 0 prints and writes files (:mod:`torch_backprop.checkpoint`).
+(gloo on CPU, nccl on CUDA). Only rank 0 prints and writes files.
 """
 
 from __future__ import annotations
@@ -18,9 +23,12 @@ import argparse
 import contextlib
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,13 +37,168 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from . import checkpoint
-from .cli import ConfigError
-from .data import default_data_root, expected_files, load_dataset
-from .devices import select_device
-from .module import BackpropMLP
+from ..core.activations import available_activations
+from ..core.module import BackpropMLP
+from . import run_folder
+from .data import DATASETS, DataError, default_data_root, expected_files, load_dataset
+from .options import ConfigError, number, positive_ints, select_device
 
-__all__ = ["ProcessGroup", "Trainee", "fit", "learning_rate"]
+__all__ = ["ProcessGroup", "Trainee", "add_arguments", "fit", "learning_rate", "run", "validate"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The options.
+
+
+def _int_list(text: str) -> list[int]:
+    return positive_ints(text, what="widths", example="256,128", at_least=1)
+
+
+_COUNT = number(int, low=1)  # epochs, samples, batch size, step size
+_NON_NEGATIVE_INT = number(int, low=0)
+_NON_NEGATIVE = number(float, low=0)
+_POSITIVE = number(float, low=0, low_open=True)
+_FRACTION = number(float, low=0, high=1, high_open=True)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``train`` options to ``parser``."""
+    data = parser.add_argument_group("data")
+    data.add_argument(
+        "--dataset",
+        default="mnist",
+        choices=list(DATASETS),
+        help="torchvision dataset; mnist-10k: the MNIST test set shipped with the package (no "
+        "download), first 8,000 train, last 2,000 test; fake: torchvision FakeData (default: mnist)",
+    )
+    data.add_argument(
+        "--data-root",
+        type=Path,
+        default=None,
+        help=f"where the data is or goes (default: {default_data_root()}; for mnist-10k, the copy "
+        "shipped with the package)",
+    )
+    data.add_argument(
+        "--limit-train", type=_COUNT, default=None, metavar="N", help="use the first N training samples"
+    )
+    data.add_argument(
+        "--limit-test", type=_COUNT, default=None, metavar="N", help="use the first N test samples"
+    )
+    data.add_argument(
+        "--fake-size",
+        type=_COUNT,
+        default=2048,
+        metavar="N",
+        help="training samples of --dataset fake (default: 2048)",
+    )
+    data.add_argument(
+        "--workers", type=_NON_NEGATIVE_INT, default=0, help="DataLoader worker processes (default: 0)"
+    )
+
+    model = parser.add_argument_group("model")
+    model.add_argument(
+        "--hidden", type=_int_list, default=[256], metavar="W1,W2,...", help="hidden widths (default: 256)"
+    )
+    model.add_argument(
+        "--activation",
+        default="relu",
+        choices=available_activations(),
+        help="hidden activation (default: relu)",
+    )
+    model.add_argument(
+        "--dropout",
+        type=_FRACTION,
+        default=0.0,
+        help="dropout after each hidden layer, in [0, 1) (default: 0)",
+    )
+    model.add_argument(
+        "--backend",
+        choices=["manual", "autograd"],
+        default="manual",
+        help="manual: BackpropMLP (the slides' backward); autograd: its native twin",
+    )
+    model.add_argument(
+        "--compare-autograd",
+        action="store_true",
+        help="train both backends in lockstep and report their largest parameter difference",
+    )
+
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--epochs", type=_COUNT, default=5, help="(default: 5)")
+    optim.add_argument("--batch-size", type=_COUNT, default=128, help="global batch size (default: 128)")
+    optim.add_argument(
+        "--optimizer", choices=["sgd", "adam", "adamw"], default="adam", help="(default: adam)"
+    )
+    optim.add_argument("--lr", type=_POSITIVE, default=1e-3, help="learning rate (default: 1e-3)")
+    optim.add_argument("--momentum", type=_NON_NEGATIVE, default=0.9, help="SGD momentum (default: 0.9)")
+    optim.add_argument("--weight-decay", type=_NON_NEGATIVE, default=0.0, help="(default: 0)")
+    optim.add_argument(
+        "--lr-schedule",
+        choices=["constant", "cosine", "step"],
+        default="constant",
+        help="per-epoch schedule: constant, cosine to 0 over --epochs, or step (default: constant)",
+    )
+    optim.add_argument(
+        "--lr-step-size", type=_COUNT, default=10, help="epochs between steps of 'step' (default: 10)"
+    )
+    optim.add_argument("--lr-gamma", type=_POSITIVE, default=0.1, help="factor of each 'step' (default: 0.1)")
+    optim.add_argument(
+        "--seed", type=int, default=0, help="initialisation, batch order and dropout (default: 0)"
+    )
+
+    runtime = parser.add_argument_group("runtime and output")
+    runtime.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="auto: CUDA when present (default: auto)",
+    )
+    runtime.add_argument(
+        "--amp",
+        choices=["off", "bf16", "fp16"],
+        default="off",
+        help="automatic mixed precision (fp16 uses a gradient scaler) (default: off)",
+    )
+    runtime.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="write metrics.json, model.pt, checkpoint.pt and curves.png here",
+    )
+    runtime.add_argument(
+        "--resume",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="continue from DIR/checkpoint.pt (repeat the run's options; --epochs may grow); "
+        "--out defaults to DIR",
+    )
+    runtime.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start a new run in an --out that holds another run's checkpoint, replacing its files",
+    )
+
+
+def validate(args: argparse.Namespace) -> None:
+    """Check what argparse's types cannot check alone, before anything is loaded or written.
+
+    ``--resume DIR`` without ``--out`` writes into ``DIR``.
+
+    Raises:
+        ConfigError: an unusable ``--out`` or ``--resume`` folder.
+    """
+    if args.resume is not None:
+        if not args.resume.is_dir():
+            raise ConfigError(f"--resume expected the folder of a run, got {args.resume} (not a folder)")
+        if args.out is None:
+            args.out = args.resume
+    if args.out is not None:
+        run_folder.check_out(args.out)
+
+
+# ---------------------------------------------------------------------------------------------
+# The training loop.
 
 
 class ProcessGroup:
@@ -301,16 +464,16 @@ def fit(args: argparse.Namespace) -> None:
             f"processes, {group.world_size}"
         )
     out = args.out if group.main else None
-    with checkpoint.RunFolder(out, resume=args.resume, overwrite=args.overwrite):
-        saved = checkpoint.load_checkpoint(args.resume, args) if args.resume is not None else None
+    with run_folder.RunFolder(out, resume=args.resume, overwrite=args.overwrite):
+        saved = run_folder.load_checkpoint(args.resume, args) if args.resume is not None else None
         if saved is not None and out is not None:
             # model.pt and metrics.json may lag the checkpoint by an epoch after a kill
-            checkpoint.rewrite_outputs(out, saved, with_checkpoint=out.resolve() != args.resume.resolve())
+            run_folder.rewrite_outputs(out, saved, with_checkpoint=out.resolve() != args.resume.resolve())
         if saved is not None and saved["epoch"] >= args.epochs:
             if out is not None:  # a kill may have cut the last run short while it drew the curves
-                checkpoint.write_curves(out, saved["history"], list(saved["trainees"]))
+                run_folder.write_curves(out, saved["history"], list(saved["trainees"]))
             group.print(
-                f"nothing to train: {args.resume / checkpoint.CHECKPOINT} has {saved['epoch']} epoch(s) "
+                f"nothing to train: {args.resume / run_folder.CHECKPOINT} has {saved['epoch']} epoch(s) "
                 f"done and --epochs is {args.epochs}; pass --epochs {saved['epoch'] + 1} or more to continue"
             )
             return
@@ -332,7 +495,7 @@ def _fit(args: argparse.Namespace, group: ProcessGroup, saved: dict[str, Any] | 
     history: list[dict[str, Any]] = []
     start_epoch = 0
     if saved is not None:
-        history, start_epoch = checkpoint.restore(saved, trainees, group.device)
+        history, start_epoch = run_folder.restore(saved, trainees, group.device)
         group.print(f"resumed from {args.resume} after epoch {start_epoch}")
 
     sampler = DistributedSampler(
@@ -346,7 +509,7 @@ def _fit(args: argparse.Namespace, group: ProcessGroup, saved: dict[str, Any] | 
         pin_memory=group.device.type == "cuda",
         persistent_workers=args.workers > 0,
     )
-    config = checkpoint.run_config(args, sizes, world_size=group.world_size, device=group.device)
+    config = run_folder.run_config(args, sizes, world_size=group.world_size, device=group.device)
     writes = args.out is not None and group.main
     group.print(
         f"{args.dataset}: {len(train_set)} train / {len(test_set)} test samples; MLP {sizes}, "
@@ -361,7 +524,43 @@ def _fit(args: argparse.Namespace, group: ProcessGroup, saved: dict[str, Any] | 
         seconds = time.perf_counter() - started
         history.append(_epoch_row(trainees, sums, samples, seconds, epoch, test_set, args, group))
         if writes:
-            checkpoint.write_epoch(args.out, trainees, history, config, epoch + 1, group.device)
+            run_folder.write_epoch(args.out, trainees, history, config, epoch + 1, group.device)
 
     if writes:
-        group.print(checkpoint.write_curves(args.out, history, [t.name for t in trainees]))
+        group.print(run_folder.write_curves(args.out, history, [t.name for t in trainees]))
+
+
+# ---------------------------------------------------------------------------------------------
+# The command.
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised where the run is, so that its files and its lock are left in order."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise _Terminated
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the ``train`` command; returns the exit status."""
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
+    try:
+        validate(args)
+        fit(args)
+    except (DataError, ConfigError) as error:
+        print(f"torch-backprop train: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("torch-backprop train: interrupted", file=sys.stderr)
+        return 130
+    except _Terminated:
+        print("torch-backprop train: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    return 0

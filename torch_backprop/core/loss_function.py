@@ -1,25 +1,26 @@
-r"""FusedLossFunction: the loss inside the stack as one autograd node, and its entry points.
+r"""FusedLossFunction: the loss inside the stack as one autograd node (the slides' BP1 start).
 
 The math (the losses' Q and Q', FL1-FL3, and the checks of names, options and targets) is
-:mod:`torch_backprop.fused_loss`; this module connects it to autograd, as
-:mod:`torch_backprop.function` does for the stack alone: one node runs the forward phase and the
-loss, and its backward hands Q' to the unchanged recursion (BP1, then BP2-BP5).
+:mod:`torch_backprop.core.losses`; this module connects it to autograd, as
+:mod:`torch_backprop.core.function` does for the stack alone: one node runs the forward phase and the
+loss, and its backward hands Q' to the unchanged recursion (BP1, then BP2-BP5). :func:`stack_loss`
+applies the node to checked arguments; the entry points with their checks are
+:func:`torch_backprop.functional.mlp_loss` and :meth:`torch_backprop.BackpropMLP.loss`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from .activations import Activation, ActivationLike, resolve_activations
-from .functional import _check_parameters, check_input, dropout_masks, mlp
-from .fused_loss import FusedLoss, check_target, loss_and_gradient, loss_backward, loss_forward, resolve_loss
-from .phases import Stack, backward_phase, forward_phase, make_tape
+from .activations import Activation
+from .losses import FusedLoss, loss_and_gradient, loss_backward, loss_forward
+from .phases import Stack, backward_phase, dropout_masks, forward_phase, make_tape
 
-__all__ = ["FusedLossFunction", "apply_fused_loss", "check_per_sample", "fusable", "mlp_loss", "stack_loss"]
+__all__ = ["FusedLossFunction", "apply_fused_loss", "check_per_sample", "fusable", "stack_loss"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -34,7 +35,7 @@ class FusedLossFunction(torch.autograd.Function):
 
     Call as ``FusedLossFunction.apply(x, target, weight, pos_weight, activations, spec,
     backward_phase, *weights, *biases, *masks)`` with x (N, n_0) rows, the target as rows and the
-    :class:`~torch_backprop.function.Stack` flattened as for MLPFunction. Returns
+    :class:`~torch_backprop.core.phases.Stack` flattened as for MLPFunction. Returns
     ``(Q, Q', h^(L), *hidden, *pre_activations)``, of which only Q is differentiable.
     Gradients flow to x and the stack; the target and the weights are constants (the callers take
     the native path when one of them requires grad).
@@ -145,7 +146,7 @@ def apply_fused_loss(
 
 
 # ---------------------------------------------------------------------------------------------
-# Entry points: checks first, then the fused node (or, where it cannot be exact, the native loss).
+# On checked arguments: whether the node is exact, per_sample's rule, rows and masks.
 
 
 def fusable(input: Tensor, target: Tensor, weight: Tensor | None, pos_weight: Tensor | None) -> bool:
@@ -211,47 +212,3 @@ def stack_loss(
     else:
         masks = [None] * (len(weights) - 1)
     return apply_fused_loss(x, y, weight, pos_weight, activations, spec, phase, *weights, *biases, *masks)
-
-
-def mlp_loss(
-    input: Tensor,
-    target: Tensor,
-    weights: Sequence[Tensor],
-    biases: Sequence[Tensor | None] | None = None,
-    activations: ActivationLike | Sequence[ActivationLike] = "relu",
-    loss: str | nn.Module | Callable[..., Tensor] = "cross_entropy",
-    reduction: str | None = None,
-    *,
-    weight: Tensor | None = None,
-    ignore_index: int = -100,
-    label_smoothing: float = 0.0,
-    pos_weight: Tensor | None = None,
-    dropout: float = 0.0,
-    training: bool = False,
-) -> Tensor:
-    """The loss of :func:`torch_backprop.functional.mlp`'s output in one node (FL1-FL3, then BP1-BP5).
-
-    Equals ``F.<loss>(mlp(input, weights, biases, activations), target, ...)`` (for cross-entropy, on
-    the output's rows: ``F.cross_entropy(out.reshape(-1, C), target.reshape(-1))``), value and
-    gradients; see :meth:`torch_backprop.BackpropMLP.loss` for the arguments.
-    """
-    if biases is None:
-        biases = [None] * len(weights)
-    _check_parameters(weights, biases, dropout)
-    acts = resolve_activations(activations, len(weights))
-    spec, weight, pos_weight = resolve_loss(
-        loss,
-        reduction,
-        weight=weight,
-        ignore_index=ignore_index,
-        label_smoothing=label_smoothing,
-        pos_weight=pos_weight,
-        caller="mlp_loss",
-    )
-    check_input(input, weights[0], "mlp_loss")
-    check_target(spec, input, target, weights[-1].dtype, weights[-1].shape[0], weight, pos_weight, "mlp_loss")
-    if not fusable(input, target, weight, pos_weight):
-        output = mlp(input, weights, biases, acts, dropout=dropout, training=training)
-        return spec.native(output, target, weight, pos_weight)
-    return stack_loss(input, target, weight, pos_weight, weights, biases, acts, dropout, training, None, spec)
-

@@ -77,7 +77,7 @@ def record_clipped(
     """Remember what a clipped backward left in ``param.grad``: ``grad`` at ``version``.
 
     ``clean``: ``param.grad`` held nothing unclipped before it. Called by
-    :class:`~torch_backprop.per_sample.PerSample` at the end of each clipped backward.
+    :class:`~torch_backprop.firstorder.per_sample.PerSample` at the end of each clipped backward.
     """
     previous = _records.pop(param, None)
     if not clean:

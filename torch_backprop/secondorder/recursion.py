@@ -3,7 +3,7 @@ r"""Second-order quantities from the δ recursion carried with K columns (the ma
 The backward phase (slides 8-10) carries one row δ_n^(l) per sample. Carried with K columns instead,
 S_n^(l) (each column a δ), the same recursion gives curvature, as BackPACK computes it module by
 module (Dangel, Kunstner and Hennig, 2020), here over the whole stack at once. Notation as in
-:class:`~torch_backprop.function.MLPFunction` and :mod:`torch_backprop.losses` (the loss's scale s
+:mod:`torch_backprop.core.phases` and :mod:`torch_backprop.secondorder.loss_hessians` (the loss's scale s
 and Hessian factor S, ∂²Q/∂h_n^(L)² = S_n S_nᵀ: C exact columns, LS1, or M sampled ones, LS2), plus
     k: column, K columns;  S^(l): (K, N, n_l), the factor carried down to z^(l);
     B samples of T rows each (input (B, T, n_0); T = 1 for (B, n_0)), N = B T rows;
@@ -32,12 +32,8 @@ M_n^(l) = ∂²Q/∂z_n^(l)², per row:
          diag_h(W^(l)) = d^(l+1)ᵀ (h^(l))²,  diag_h(b^(l)) = Σ_n d^(l+1)
 
 (BackPACK splits each r^(j) into √max(r, 0) and √max(-r, 0) columns; the weights w_k do the same
-without square roots.) Without a backward, the same pieces give:
-
-    GV1  ż^(l+1) = ḣ^(l) W^(l) + h^(l) V^(l)ᵀ + v_b^(l),  ḣ^(l+1) = σ'_{l+1} ⊙ ż^(l+1),  ḣ^(0) = 0
-    GV2  u_n = ∂²Q/∂h_n^(L)² ḣ_n^(L)                                     (LS3)
-    GV3  G v = the backward phase BP1-BP4 with ∂Q/∂h^(L) := u            (the GGN-vector product)
-    JB1  ∂h_{n,c}^(L)/∂W^(l) = S_{c,n}^(l+1) ⊗ h_n^(l) with S = I (C columns): the Jacobians
+without square roots.) The same pieces without a backward (the GGN-vector product, the Jacobians)
+are :mod:`torch_backprop.secondorder.products`.
 
 Cost over a plain backward: the diagonals carry K columns through every BP2 product (K = C exact,
 M sampled) plus one BP3-sized product per layer; the Kronecker factors add N n_{l+1}² and N n_l²
@@ -50,23 +46,12 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from .activations import out_kernels_allowed, zero_second_derivative
-from .losses import LossSpec
-from .module import BackpropMLP
-from .phases import Stack, Tape, backward_phase, deltas, forward_phase, make_tape
+from ..core.activations import out_kernels_allowed, zero_second_derivative
+from ..core.phases import Tape, deltas
 
-__all__ = [
-    "Trainable",
-    "factors",
-    "ggn_quantities",
-    "ggn_vector_product",
-    "hessian_diagonal",
-    "output_jacobians",
-    "tape_of",
-    "trainable_layers",
-]
+__all__ = ["Results", "Trainable", "factors", "ggn_quantities", "hessian_diagonal", "trainable_layers"]
 
 Trainable = list[tuple[int, bool, bool]]  # (l, weight trainable, bias trainable), lowest l first
 Results = dict[tuple[int, str, str], "Tensor | list[Tensor]"]  # (l, "weight"/"bias", quantity) -> value
@@ -216,110 +201,3 @@ def _sigma_second(tape: Tape, layer: int, g: Tensor) -> Tensor | None:
     if act.derivative_from == "none" or act.second_derivative is zero_second_derivative:
         return None
     return act.second_derivative(tape.sigma_prime_from[layer]) * g
-
-
-# ---------------------------------------------------------------------------------------------
-# Without a backward: the tape of a forward, the GGN-vector product (GV1-GV3), the Jacobians (JB1).
-
-
-def tape_of(model: BackpropMLP, input: Tensor) -> tuple[Tensor, Tape]:
-    """h^(L) (N, n_L) and the :class:`~torch_backprop.function.Tape` of a forward, without autograd.
-
-    Input (*, n_0) is taken as N rows; the tape's ``grad_output`` is a zero placeholder to replace.
-
-    Raises:
-        ValueError: the model is in training mode with dropout (that forward draws a random network).
-    """
-    if model.training and model.dropout:
-        raise ValueError("second-order products need model.eval(): a forward with dropout is random")
-    x = input.reshape(-1, input.shape[-1])
-    depth = len(model.layers)
-    weights = [layer.weight for layer in model.layers]
-    stack = Stack(weights, [layer.bias for layer in model.layers], [None] * (depth - 1))
-    with torch.no_grad():
-        forward = forward_phase(x, model.activations, stack)
-        h_last = forward[0]
-        placeholder = h_last.new_zeros(()).expand_as(h_last)
-        return h_last, make_tape(placeholder, x, model.activations, stack, forward, h_last.dtype, False)
-
-
-def _trainable_parameters(model: BackpropMLP) -> list[tuple[int, str, nn.Parameter]]:
-    return [
-        (k, kind, p)
-        for k, layer in enumerate(model.layers)
-        for kind, p in (("weight", layer.weight), ("bias", layer.bias))
-        if p is not None and p.requires_grad
-    ]
-
-
-def ggn_vector_product(
-    model: BackpropMLP, loss_function: nn.Module, input: Tensor, vector: Sequence[Tensor]
-) -> list[Tensor]:
-    """G v (GV1-GV3): the exact GGN of ``loss_function`` on ``input`` times ``vector``, without autograd.
-
-    ``vector`` holds one tensor per trainable parameter, in ``model.parameters()`` order (the layout
-    of BackPACK's ``ggn_vector_product``). The GGN of cross-entropy and MSE does not depend on the
-    targets, so none are taken; rows and scaling as in :func:`torch_backprop.curvature.curvature`
-    (input (B, T, n_0) is N = B T rows).
-
-    Returns:
-        One tensor per trainable parameter, shaped like it.
-
-    Raises:
-        TypeError, ValueError: a model or loss ``curvature`` does not take; a vector whose shapes
-            are not the trainable parameters'; a model in training mode with dropout.
-    """
-    if not isinstance(model, BackpropMLP):
-        raise TypeError(
-            f"ggn_vector_product expects a torch_backprop.BackpropMLP, got {type(model).__name__}"
-        )
-    spec = LossSpec.from_module(loss_function, "ggn_vector_product")
-    params = _trainable_parameters(model)
-    vector = list(vector)
-    shapes, given = [tuple(p.shape) for _, _, p in params], [tuple(v.shape) for v in vector]
-    if given != shapes:
-        raise ValueError(
-            f"ggn_vector_product expects one tensor per trainable parameter, shapes {shapes}, got {given}"
-        )
-    output, tape = tape_of(model, input)
-    tangent = {(k, kind): v.to(tape.dtype) for (k, kind, _), v in zip(params, vector, strict=True)}
-    with torch.no_grad():
-        h_dot = None
-        for k, act in enumerate(model.activations):
-            z_dot = output.new_zeros(output.shape[0], tape.weights[k].shape[0])
-            if h_dot is not None:
-                z_dot += h_dot.mm(tape.weights[k].t())  # ḣ^(k) W^(k)
-            if (k, "weight") in tangent:
-                z_dot += tape.h[k].mm(tangent[k, "weight"].t())  # h^(k) V^(k)ᵀ
-            if (k, "bias") in tangent:
-                z_dot += tangent[k, "bias"]
-            h_dot = act.backprop(z_dot, tape.sigma_prime_from[k])  # GV1, ḣ^(k+1)
-        u = spec.hessian_product(output, h_dot)  # GV2, (N, n_L)
-        needs_weight = [(k, "weight") in tangent for k in range(len(model.layers))]
-        needs_bias = [(k, "bias") in tangent for k in range(len(model.layers))]
-        _, grad_weights, grad_biases = backward_phase(
-            tape._replace(grad_output=u), needs_x=False, needs_weight=needs_weight, needs_bias=needs_bias
-        )  # GV3
-    by_kind = {"weight": grad_weights, "bias": grad_biases}
-    return [by_kind[kind][k].to(p.dtype) for k, kind, p in params]
-
-
-def output_jacobians(model: BackpropMLP, input: Tensor) -> tuple[Tensor, Tensor]:
-    """JB1: h^(L) (N, C) and ∂h^(L)/∂θ (N, C, P) over the trainable parameters, in ``parameters()`` order.
-
-    One recursion on C columns instead of C backward passes (``torch.func.jacrev``) or C hooked
-    backward passes (BackPACK's ``BatchGrad`` per output, as laplace-torch's BackPACK backend does).
-    """
-    params = _trainable_parameters(model)
-    if not params:
-        raise ValueError("output_jacobians expects a model with at least one trainable parameter, got none")
-    output, tape = tape_of(model, input)
-    rows, classes = output.shape
-    S = torch.eye(classes, dtype=output.dtype, device=output.device).unsqueeze(1).repeat(1, rows, 1)
-    blocks = {}
-    with torch.no_grad():
-        for k, S_k in factors(tape, S, params[0][0]):  # S^(k+1) = ∂h^(L)/∂z^(k+1), (C, N, n_{k+1})
-            blocks[k, "bias"] = S_k.permute(1, 0, 2)  # JB1 for b^(k), (N, C, n_{k+1})
-            blocks[k, "weight"] = torch.einsum("cnj,ni->ncji", S_k, tape.h[k]).flatten(2)  # JB1, W^(k)
-    jacobian = torch.cat([blocks[k, kind].to(p.dtype) for k, kind, p in params], dim=2)
-    return output, jacobian

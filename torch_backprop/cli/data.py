@@ -109,7 +109,7 @@ def default_data_root() -> Path:
 
 def shipped_mnist_10k() -> Path:
     """The folder inside the package that holds the MNIST test set (``mnist-10k``'s default root)."""
-    return Path(__file__).resolve().parent / "mnist_10k"
+    return Path(__file__).resolve().parent.parent / "mnist_10k"
 
 
 def expected_files(name: str, root: str | os.PathLike[str]) -> list[Path]:

@@ -1,26 +1,20 @@
-"""The torch-backprop command (also python -m torch_backprop).
+"""What the commands share about their options: argparse types, the one-line error, the device.
 
-Each subcommand lives in its own module, which defines ``add_arguments(parser)`` and
-``run(args) -> int``; this file only dispatches, importing a subcommand's module when it is used.
+:func:`number` and :func:`positive_ints` check an option's value as argparse parses it, so a bad
+value is refused before any work; :class:`ConfigError` is the error of options that do not fit
+together, which a command prints as one line; :func:`select_device` is the one place that turns
+``--device`` into a ``torch.device``.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import math
-import sys
-from collections.abc import Callable, Sequence
-from typing import NoReturn
+from collections.abc import Callable
 
-__all__ = ["ConfigError", "main", "number", "positive_ints"]
+import torch
 
-# name -> (module, one-line help)
-SUBCOMMANDS = {
-    "train": ("torch_backprop.train", "train a BackpropMLP on a torchvision dataset"),
-    "verify": ("torch_backprop.verify", "check the manual backward against native autograd"),
-    "bench": ("torch_backprop.bench", "time a training step against autograd and torch.compile"),
-}
+__all__ = ["ConfigError", "number", "positive_ints", "select_device"]
 
 
 class ConfigError(ValueError):
@@ -83,30 +77,31 @@ def number(
     return parse
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, with a usage error in one line instead of the whole usage block first."""
+def select_device(choice: str = "auto", *, index: int | None = None) -> torch.device:
+    """The device a ``--device`` option names.
 
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+    Args:
+        choice: ``"auto"`` (CUDA when present, else the CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+        index: the CUDA device for ``"auto"`` and ``"cuda"`` (e.g. the process's ``LOCAL_RANK``);
+            default: none given (the current device).
 
+    Returns:
+        The device.
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Parse ``argv`` and run the chosen subcommand; returns its exit status."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = _Parser(prog="torch-backprop", description=__doc__.splitlines()[0])
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
-    wanted = argv[0] if argv and argv[0] in SUBCOMMANDS else None
-    for name, (module_name, help_text) in SUBCOMMANDS.items():
-        sub_parser = sub.add_parser(name, help=help_text, description=help_text)
-        if name == wanted:
-            importlib.import_module(module_name).add_arguments(sub_parser)
-    args = parser.parse_args(argv)
-    return int(importlib.import_module(SUBCOMMANDS[args.command][0]).run(args) or 0)
-
-
-def _version() -> str:
-    from . import __version__
-
-    return __version__
+    Raises:
+        ValueError: ``choice`` is not a device, or names CUDA where CUDA is not available.
+    """
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(choice)
+    except RuntimeError:
+        raise ValueError(f"--device takes auto, cpu, cuda or cuda:N, got {choice!r}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {choice} was asked for, but CUDA is not available here")
+        if device.index is None and index is not None:
+            device = torch.device("cuda", index)
+    elif device.type != "cpu":
+        raise ValueError(f"--device takes auto, cpu, cuda or cuda:N, got {choice!r}")
+    return device

@@ -124,7 +124,7 @@ def _source_revision() -> str | None:
     Only a checkout counts (a ``.git`` beside the package): an installed copy inside some other
     repository (a virtual environment in a user's project) must not report that repository's commit.
     """
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     if not os.path.exists(os.path.join(root, ".git")):
         return None
     try:

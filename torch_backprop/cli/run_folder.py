@@ -1,6 +1,6 @@
 """The files of a training run: checkpoint state for ``--resume``, ``model.pt``, ``metrics.json``, curves.
 
-After every epoch rank 0 writes, each atomically (:mod:`torch_backprop.files`), ``checkpoint.pt``
+After every epoch rank 0 writes, each atomically (:mod:`torch_backprop.cli.files`), ``checkpoint.pt``
 (every backend's model, optimiser and scaler state, the RNG state, the history and the
 run's options), then ``model.pt`` (a ``BackpropMLP`` state_dict, whichever backend trained it) and
 ``metrics.json`` (the options and every epoch's figures); at the end ``curves.png``. A crash
@@ -22,21 +22,19 @@ import os
 import platform
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
-from .cli import ConfigError
+from ..core.module import BackpropMLP
 from .files import remove_temporaries, write_figure, write_json, write_torch
-from .module import BackpropMLP
+from .options import ConfigError
 
 try:
     import fcntl
 except ImportError:  # Windows: no lock
     fcntl = None  # type: ignore[assignment]
 
-if TYPE_CHECKING:
-    from .training import Trainee
 
 __all__ = [
     "CHECKPOINT",
@@ -45,6 +43,7 @@ __all__ = [
     "MODEL",
     "RESUME_KEYS",
     "RunFolder",
+    "Trainee",
     "check_out",
     "load_checkpoint",
     "restore",
@@ -68,6 +67,21 @@ RESUME_KEYS = (
     "weight_decay", "lr_schedule", "lr_step_size", "lr_gamma", "seed", "amp", "backend",
     "compare_autograd", "limit_train", "limit_test", "fake_size",
 )  # fmt: skip
+
+
+class Trainee(Protocol):
+    """What the run's files need of one backend's training state (``train``'s ``Trainee`` is one)."""
+
+    name: str
+
+    def state(self) -> dict[str, Any]:
+        """Model, optimiser and scaler state, for the checkpoint."""
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state` returned."""
+
+    def mlp_state_dict(self) -> dict[str, torch.Tensor]:
+        """The parameters in BackpropMLP's layout, whichever backend trained them."""
 
 
 def run_config(

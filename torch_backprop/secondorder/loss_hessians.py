@@ -1,11 +1,11 @@
 r"""The losses the curvature recursion supports, seen from the output h^(L): gradient and Hessian factor.
 
-:mod:`torch_backprop.curvature` starts its recursion from a factor S of the loss's Hessian in the
+:mod:`torch_backprop.secondorder.recursion` starts its recursion from a factor S of the loss's Hessian in the
 network output, as the δ recursion starts from the loss's gradient there (BP1). This file holds the
 loss side, for ``nn.CrossEntropyLoss`` and ``nn.MSELoss`` with reduction ``"mean"`` or ``"sum"``,
 with BackPACK's scaling (``backpack/core/derivatives/{crossentropyloss,mseloss}.py``).
 
-Notation as in :class:`~torch_backprop.function.MLPFunction`, plus C = n_L (classes or outputs),
+Notation as in :mod:`torch_backprop.core.phases`, plus C = n_L (classes or outputs),
 rows n = 1, ..., N of the loss input seen as (N, C), ℓ_n the loss of row n, and the reduction's
 scale s: Q = s Σ_n ℓ_n with
     s = 1 ("sum"),  1/N (cross-entropy "mean"),  1/(N C) (MSE "mean", which averages every entry).

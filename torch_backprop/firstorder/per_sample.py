@@ -2,8 +2,8 @@
 
 :func:`per_sample` opens a block in which a :class:`~torch_backprop.BackpropMLP`'s backward phase
 is replaced by one that computes, from the same δ^(l) and h^(l), each sample's gradient, its norm
-and its clipped share (equations PS1-PS4, BL, SGS, VAR in :mod:`torch_backprop.sample_terms`;
-clipping styles CL1-CL4 in :mod:`torch_backprop.clipping`). The block owns the bookkeeping that
+and its clipped share (equations PS1-PS4, BL, SGS, VAR in :mod:`torch_backprop.firstorder.sample_terms`;
+clipping styles CL1-CL4 in :mod:`torch_backprop.firstorder.clipping`). The block owns the bookkeeping that
 keeps every result exact or refused: a guard on every trainable parameter checks that the gradient
 reaching it is exactly the one the recursion made, and results are published only at the end of
 a backward that succeeded.
@@ -23,10 +23,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import dp
+from ..core.module import BackpropMLP
+from ..core.phases import Tape, deltas, lowest_layer
+from . import dp_sgd
 from .clipping import AdaptiveClipping, ClippingRule, clipping_rule
-from .module import BackpropMLP
-from .phases import Tape, deltas, lowest_layer
 from .sample_terms import Layout, SampleTerms, bias_terms, unclipped_gradient, weight_gradient, weight_terms
 
 __all__ = ["PerSample", "per_sample"]
@@ -117,7 +117,7 @@ class PerSample:
         max_grad_norm: the clipping threshold C > 0, a list of thresholds (one per group of the
             clipping style), an :class:`~torch_backprop.AdaptiveClipping`, or ``None`` (default)
             for no clipping.
-        clipping: the clipping style, as :mod:`torch_backprop.clipping` lists them: ``"flat"``
+        clipping: the clipping style, as :mod:`torch_backprop.firstorder.clipping` lists them: ``"flat"``
             (default), ``"per_layer"``, ``"adaptive"`` (Opacus), ``"layer-wise"``, ``"param-wise"``,
             ``"group-wise"`` (fastDP).
         clipping_fn: ``"Abadi"`` (default), c = min(1, C/‖g‖), or ``"automatic"``,
@@ -437,7 +437,7 @@ class PerSample:
                 "(weight sharing, or another use of the parameter in the loss), so its per-sample "
                 "gradients would be wrong; the gradients of this backward are incomplete: zero them"
             )
-        pending.previous_clean[param] = dp.holds_only_clipped(param)
+        pending.previous_clean[param] = dp_sgd.holds_only_clipped(param)
 
     def _accumulated(self, param: Tensor) -> None:
         """After ``param``'s gradient is accumulated: remember what ``.grad`` now holds."""
@@ -460,7 +460,7 @@ class PerSample:
         if self.rule is not None:
             samples = 0 if pending.norms is None else pending.norms.shape[0]
             for param, (grad, version) in pending.accumulated.items():
-                dp.record_clipped(
+                dp_sgd.record_clipped(
                     param,
                     grad,
                     version,

@@ -7,11 +7,11 @@ through both and prints, per layer, the largest absolute and relative error of �
 on the manual backward in float64. Exits 1 on any mismatch.
 
 ``--show-deltas`` adds the norm of each δ^(l) = ∂Q/∂z^(l), the slides' intermediate variable
-(slides 8-10): read from the manual recursion itself (:func:`torch_backprop.function.deltas`) and,
+(slides 8-10): read from the manual recursion itself (:func:`torch_backprop.core.phases.deltas`) and,
 independently, from autograd on the twin's pre-activations, so vanishing or exploding gradients
 show at a glance and the two columns check each other. It also shows δ^(L) started as the slides
 start it, BP1 with the loss inside the stack (δ^(L) = Q'(h^(L) - y) ⊙ σ'_L(z^(L)),
-:mod:`torch_backprop.fused_loss`), beside autograd's ∂Q/∂h^(L) ⊙ σ'_L on the twin, for each fused
+:mod:`torch_backprop.core.losses`), beside autograd's ∂Q/∂h^(L) ⊙ σ'_L on the twin, for each fused
 loss on random targets.
 """
 
@@ -25,14 +25,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import fused_loss
-from .activations import available_activations
-from .cli import number, positive_ints
-from .devices import select_device
-from .functional import mlp
-from .module import BackpropMLP
-from .phases import Tape, backward_phase, deltas
-from .testing import (
+from ..core.activations import available_activations
+from ..core.functional import mlp
+from ..core.loss_function import stack_loss
+from ..core.losses import resolve_loss
+from ..core.module import BackpropMLP
+from ..core.phases import Tape, backward_phase, deltas
+from ..core.testing import (
     assert_gradients_match,
     compare_gradients,
     error_table,
@@ -40,6 +39,7 @@ from .testing import (
     seeded_loss,
     tolerances,
 )
+from .options import number, positive_ints, select_device
 
 __all__ = ["add_arguments", "delta_norms", "output_deltas", "run"]
 
@@ -171,9 +171,9 @@ def output_deltas(model: BackpropMLP, x: Tensor, seed: int = 0) -> list[tuple[st
             recorded.append(next(deltas(tape))[1].detach().clone())  # BP1: δ^(L)
             return backward_phase(tape, **needs)
 
-        spec, _, _ = fused_loss.resolve_loss(name, "mean")
+        spec, _, _ = resolve_loss(name, "mean")
         x_ours = x.detach().clone().requires_grad_()
-        fused_loss.stack_loss(
+        stack_loss(
             x_ours, target, None, None, weights, biases, model.activations, 0.0, False, recording_phase, spec
         ).backward()
 

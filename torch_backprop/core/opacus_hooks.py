@@ -33,10 +33,10 @@ from torch import Tensor, nn
 
 from .phases import Tape, backward_phase
 
-__all__ = ["OpacusPhase", "opacus_hooks"]
+__all__ = ["OpacusPhase", "opacus_owner"]
 
 
-def opacus_hooks(layers: Sequence[nn.Module]) -> Any | None:
+def opacus_owner(layers: Sequence[nn.Module]) -> Any | None:
     """The Opacus hooks object whose two capture hooks are the only hooks on ``layers``, else ``None``.
 
     Opacus hooks only layers with trainable parameters; layers without hooks are allowed.

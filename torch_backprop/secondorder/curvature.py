@@ -1,7 +1,7 @@
 r"""``curvature``: BackPACK's second-order quantities on a BackpropMLP, filled in its one backward.
 
 Inside ``with curvature(model, loss_function, quantities):`` every backward of the model also runs
-the δ recursion on K columns (:mod:`torch_backprop.second_order`, equations CV1-CV5 and HD1-HD3)
+the δ recursion on K columns (:mod:`torch_backprop.secondorder.recursion`, equations CV1-CV5 and HD1-HD3)
 and writes, on every trainable parameter p, the attributes BackPACK's extensions write:
 
     attribute               value (nn.Linear layout)                         BackPACK extension
@@ -15,12 +15,12 @@ and writes, on every trainable parameter p, the attributes BackPACK's extensions
     diag_h_batch            per-sample Hessian diagonals                     BatchDiagHessian
 
 The loss side (which losses, their scaling, the draws of the Monte Carlo labels) is
-:mod:`torch_backprop.losses`; the GGN-vector product, which needs no backward, is
-:func:`torch_backprop.second_order.ggn_vector_product`.
+:mod:`torch_backprop.secondorder.loss_hessians`; the GGN-vector product, which needs no backward, is
+:func:`torch_backprop.secondorder.products.ggn_vector_product`.
 
 It follows :func:`~torch_backprop.per_sample`'s pattern: the context sets ``model.backward_phase``
 to itself, whose ``bind`` makes each forward's phase (with
-:func:`~torch_backprop.function.backward_phase`'s signature, bound to the batch shape), and the
+:func:`~torch_backprop.core.phases.backward_phase`'s signature, bound to the batch shape), and the
 ordinary gradients are still computed by the phase it replaced (so a ``per_sample`` block opened
 first keeps working inside). Nothing may pass silently:
 the loss module's forward hook captures its input and target, the backward checks that the
@@ -38,10 +38,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .losses import LossSpec, loss_rows
-from .module import BackpropMLP
-from .phases import Tape, backward_phase
-from .second_order import Results, Trainable, ggn_quantities, hessian_diagonal, trainable_layers
+from ..core.module import BackpropMLP
+from ..core.phases import Tape, backward_phase
+from .loss_hessians import LossSpec, loss_rows
+from .recursion import Results, Trainable, ggn_quantities, hessian_diagonal, trainable_layers
 
 __all__ = ["QUANTITIES", "Curvature", "curvature"]
 

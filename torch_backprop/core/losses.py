@@ -1,12 +1,13 @@
-r"""The slides' own BP1: the loss inside the stack, so the backward phase starts from δ^(L) = Q' ⊙ σ'_L.
+r"""The losses' math for the slides' own BP1: Q and Q' = ∂Q/∂h^(L), for δ^(L) = Q' ⊙ σ'_L.
 
-:class:`~torch_backprop.function.MLPFunction` takes ∂Q/∂h^(L) from autograd, so any loss works, at the
-cost of the loss's own autograd nodes. The slides instead start the recursion from the loss itself
-(slide 10): δ^(L) = Q'(h^(L) - y) ⊙ σ'_L(z^(L)). This file holds that start for the losses MLPs are
-trained with, in closed form, and :class:`FusedLossFunction`, one autograd node for forward phase,
-loss and backward phase: its forward returns Q, its backward hands Q' to the unchanged recursion.
+:class:`~torch_backprop.core.function.MLPFunction` takes ∂Q/∂h^(L) from autograd, so any loss works,
+at the cost of the loss's own autograd nodes. The slides instead start the recursion from the loss
+itself (slide 10): δ^(L) = Q'(h^(L) - y) ⊙ σ'_L(z^(L)). This file holds that start for the losses MLPs
+are trained with: their names and options, the checks of their targets, Q and Q' in closed form
+(and by PyTorch's loss-backward kernels). The autograd node that runs forward phase, loss and
+backward phase as one is :class:`~torch_backprop.core.loss_function.FusedLossFunction`.
 
-Notation as in :mod:`torch_backprop.function`, plus C = n_L, rows n = 1, ..., N of h^(L) (leading
+Notation as in :mod:`torch_backprop.core.phases`, plus C = n_L, rows n = 1, ..., N of h^(L) (leading
 input dimensions flattened), y_n the target of row n, and the reduction's scale s (as
 ``torch.nn.functional`` defines each loss and reduction):
 
@@ -19,7 +20,7 @@ input dimensions flattened), y_n the target of row n, and the reduction's scale 
          (no weights, no smoothing, nothing ignored: Q' = (softmax(h^(L)) - onehot(y)) / N, the slides' start)
     FL3  binary cross-entropy with logits, y ∈ [0, 1]^{N×C}, pos_weight π, weight v (default 1):
              Q' = s v ⊙ (σ(h^(L)) ⊙ (π y + 1 - y) - π y),   s = 1/(N C) ("mean") or 1 ("sum")
-    BP1  δ^(L) = Q' ⊙ σ'_L(z^(L))   (the recursion, BP2-BP5, is :func:`torch_backprop.function.deltas`)
+    BP1  δ^(L) = Q' ⊙ σ'_L(z^(L))   (the recursion, BP2-BP5, is :func:`torch_backprop.core.phases.deltas`)
 
 The loss value itself is the ``torch.nn.functional`` call on h^(L) (log-softmax then NLL, as
 ``F.cross_entropy`` runs it), so it is PyTorch's to the last bit. In eager mode Q' of FL1 and FL2
@@ -44,14 +45,11 @@ aten = torch.ops.aten
 __all__ = [
     "LOSSES",
     "FusedLoss",
-    "FusedLossFunction",
-    "apply_fused_loss",
-    "check_per_sample",
     "check_target",
-    "fusable",
-    "mlp_loss",
+    "loss_and_gradient",
+    "loss_backward",
+    "loss_forward",
     "resolve_loss",
-    "stack_loss",
 ]
 
 # The names accepted for each loss: torch.nn.functional's, and the short forms.
@@ -341,15 +339,4 @@ _PLAIN_SPECS.update(
         for name in LOSSES
         for reduction in (*_REDUCTIONS, None)
     }
-)
-
-
-# The autograd node and the entry points (model.loss, mlp_loss) sit on top of the math above.
-from .fused_loss_function import (  # noqa: E402
-    FusedLossFunction,
-    apply_fused_loss,
-    check_per_sample,
-    fusable,
-    mlp_loss,
-    stack_loss,
 )

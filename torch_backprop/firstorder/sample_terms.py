@@ -3,7 +3,7 @@ r"""The per-sample algebra of the backward phase: each sample's gradient, norm a
 The slides compute ∇Q_θ(x, y) for one sample: layer l's gradient is the outer product
 h^(l) ⊗ δ^(l+1) (BP3). The backward phase holds every h^(l) and δ^(l) of the batch at once, so each
 sample's gradient, its norm and its clipped contribution come from the same tensors the ordinary
-backward uses. Notation as in :mod:`torch_backprop.function`, plus
+backward uses. Notation as in :mod:`torch_backprop.core.phases`, plus
     B: samples, T: rows per sample (all input dimensions but the sample's and the features'),
     N = B T rows, b: sample, t: row within a sample, s = B for ``"mean"``, 1 for ``"sum"``.
 
@@ -11,7 +11,7 @@ backward uses. Notation as in :mod:`torch_backprop.function`, plus
          g_b^(l), bias = s Σ_t δ_bt^(l+1)                     per-sample ∂b^(l), (n_{l+1},)
     PS2  ‖g_b‖² = s² Σ_l (‖h_b^(l)‖² ‖δ_b^(l+1)‖² + ‖δ_b^(l+1)‖²)        for T = 1
          ‖Σ_t δ_t ⊗ h_t‖² = Σ_{t,t'} (δ_t · δ_t')(h_t · h_t')        for T > 1 (Gram, "ghost" form)
-    PS3  c_b = min(1, C / ‖g_b‖)              (flat clipping; other styles: torch_backprop.clipping)
+    PS3  c_b = min(1, C / ‖g_b‖)              (flat clipping; other styles: firstorder.clipping)
     PS4  ∂W^(l) = (c ⊙ δ^(l+1))ᵀ h^(l),   ∂b^(l) = Σ_N c ⊙ δ^(l+1)      (c repeated over t)
 
 PS4 is BP3-BP4 with every row of δ^(l+1) scaled by its sample's c_b, so it equals Σ_b c_b g_b for

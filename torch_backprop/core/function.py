@@ -1,14 +1,15 @@
-r"""MLPFunction: the slides' forward and backward phases (:mod:`torch_backprop.phases`) as one autograd node.
+r"""MLPFunction: the slides' phases (:mod:`torch_backprop.core.phases`) as one autograd node.
 
 The phases are plain functions; this module connects them to autograd, as PyTorch's extending guide
 asks of functions that ``torch.func`` transforms (``forward`` + ``setup_context``,
 ``generate_vmap_rule``), with a classic-style twin for eager mode and a jvp-less one for
-``torch.compile``. Notation and equations (BP1-BP5, T1-T2): :mod:`torch_backprop.phases`.
+``torch.compile``, and applies the node to checked arguments (:func:`checked_mlp`: rows, dropout
+masks). Notation and equations (BP1-BP5, T1-T2): :mod:`torch_backprop.core.phases`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -23,26 +24,13 @@ from .phases import (
     Tape,
     _cast,
     backward_phase,
-    deltas,
+    dropout_masks,
     forward_phase,
-    lowest_layer,
     make_tape,
     tangent_phase,
 )
 
-__all__ = [
-    "MLPFunction",
-    "Stack",
-    "Tape",
-    "apply_mlp",
-    "backward_phase",
-    "compute_dtype",
-    "deltas",
-    "forward_phase",
-    "lowest_layer",
-    "make_tape",
-    "tangent_phase",
-]
+__all__ = ["MLPFunction", "apply_mlp", "checked_mlp", "compute_dtype"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -315,3 +303,28 @@ def compute_dtype(x: Tensor, weight: Tensor) -> torch.dtype:
     if eligible and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return weight.dtype
+
+
+def checked_mlp(
+    input: Tensor,
+    weights: Sequence[Tensor],
+    biases: Sequence[Tensor | None],
+    activations: tuple[Activation, ...],
+    dropout: float,
+    training: bool,
+    recompute: bool,
+    backward_phase: Callable[..., Any] | None,
+) -> Tensor:
+    """h^(L) of the stack for arguments already checked (as BackpropMLP's are): no checks, no conversions.
+
+    Input ``(*, n_0)`` is taken as rows; the dropout masks m^(l) are drawn here when training.
+    """
+    rows = input.dim() == 2
+    x = input if rows else input.reshape(-1, input.shape[-1])
+    if training and dropout > 0 and len(weights) > 1:
+        widths = [weight.shape[0] for weight in weights[:-1]]
+        masks = dropout_masks(x.shape[0], widths, dropout, compute_dtype(x, weights[0]), x.device)
+    else:
+        masks = [None] * (len(weights) - 1)
+    h_last = apply_mlp(x, activations, recompute, backward_phase, *weights, *biases, *masks)
+    return h_last if rows else h_last.reshape(*input.shape[:-1], h_last.shape[-1])

@@ -2,8 +2,11 @@
 
 The layers are ordinary ``nn.Linear`` modules in ``self.layers`` (so initialisation, state_dict,
 ``.to()``, optimizers and saving behave as for native modules); only the forward call differs:
-it runs :func:`torch_backprop.functional.mlp`, whose backward is the slides' backward phase
-(slides 8-10). ``to_sequential`` / ``from_sequential`` convert to and from the native twin.
+it runs the stack as :func:`torch_backprop.functional.mlp` does (one
+:class:`~torch_backprop.core.function.MLPFunction` node), whose backward is the slides' backward phase
+(slides 8-10); :meth:`BackpropMLP.loss` puts the loss inside that node
+(:class:`~torch_backprop.core.loss_function.FusedLossFunction`). ``to_sequential`` /
+``from_sequential`` convert to and from the native twin.
 """
 
 from __future__ import annotations
@@ -16,9 +19,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import module as _module_hooks
 
-from . import fused_loss, interop
 from .activations import Activation, ActivationLike, activation_from_module, resolve_activations
-from .functional import check_input, checked_mlp
+from .checks import check_input
+from .function import checked_mlp
+from .loss_function import check_per_sample, fusable, stack_loss
+from .losses import check_target, resolve_loss
+from .opacus_hooks import OpacusPhase, opacus_owner
 
 __all__ = ["BackpropMLP"]
 
@@ -71,7 +77,7 @@ class BackpropMLP(nn.Module):
             shape ``(sizes[l+1], sizes[l])``, initialised as ``nn.Linear`` does.
         activations (tuple[Activation, ...]): σ_1, ..., σ_L (the last is the output activation).
         backward_phase: ``None`` for the slides' backward phase, or a replacement with the
-            signature of :func:`torch_backprop.function.backward_phase`, or an object whose
+            signature of :func:`torch_backprop.core.phases.backward_phase`, or an object whose
             ``bind(model, input)`` returns one for each forward call (:func:`per_sample` sets one).
 
     Raises:
@@ -142,11 +148,11 @@ class BackpropMLP(nn.Module):
         ``forward``, or holds a tensor subclass such as Opacus's expanded weights), the stack runs
         layer by layer exactly as :meth:`to_sequential` would, so every hook fires with the
         tensors it would see there; Opacus's own per-sample hooks are served by the fused stack
-        instead (:mod:`torch_backprop.interop`).
+        instead (:mod:`torch_backprop.core.opacus_hooks`).
         """
         weights, biases, plain, hooked = self._stack_parameters()
         phase = self.backward_phase
-        opacus = interop.opacus_hooks(self._modules["layers"]) if plain and hooked else None
+        opacus = opacus_owner(self._modules["layers"]) if plain and hooked else None
         if not plain or (hooked and opacus is None):
             return self._forward_layer_by_layer(input, phase)
         check_input(input, weights[0], "BackpropMLP")
@@ -156,7 +162,7 @@ class BackpropMLP(nn.Module):
                     f"BackpropMLP: Opacus's grad-sample hooks are on its layers and {_phase_name(phase)} "
                     "is active too; use one per-sample mechanism at a time"
                 )
-            phase = interop.OpacusPhase(opacus, self._modules["layers"], input)
+            phase = OpacusPhase(opacus, self._modules["layers"], input)
         elif phase is not None and hasattr(phase, "bind"):
             phase = phase.bind(self, input)  # a per-forward phase, e.g. per_sample's (bound to the batch)
         return checked_mlp(
@@ -186,7 +192,7 @@ class BackpropMLP(nn.Module):
 
         Equals ``F.cross_entropy(model(input).reshape(-1, C), target.reshape(-1), ...)``,
         ``F.mse_loss(model(input), target)`` or ``F.binary_cross_entropy_with_logits(model(input),
-        target)``, value and gradients (:mod:`torch_backprop.fused_loss`, FL1-FL3): instead of
+        target)``, value and gradients (:mod:`torch_backprop.core.losses`, FL1-FL3): instead of
         the loss's own autograd nodes, the backward starts the recursion from
         δ^(L) = Q'(h^(L) - y) ⊙ σ'_L(z^(L)). ``model(input)`` followed by any loss works as before.
         Where the fused node could not be exact (autocast, a target or weight that requires grad,
@@ -220,7 +226,7 @@ class BackpropMLP(nn.Module):
             >>> x, y = torch.randn(64, 784), torch.randint(10, (64,))
             >>> model.loss(x, y, "cross_entropy").backward()
         """
-        spec, weight, pos_weight = fused_loss.resolve_loss(
+        spec, weight, pos_weight = resolve_loss(
             loss,
             reduction,
             weight=weight,
@@ -230,14 +236,14 @@ class BackpropMLP(nn.Module):
         )
         weights, biases, plain, hooked = self._stack_parameters()
         check_input(input, weights[0], "BackpropMLP.loss")
-        fused_loss.check_target(spec, input, target, weights[-1].dtype, self.out_features, weight, pos_weight)
+        check_target(spec, input, target, weights[-1].dtype, self.out_features, weight, pos_weight)
         phase = self.backward_phase
-        fused_loss.check_per_sample(spec, phase, target, weight)
-        if not plain or hooked or not fused_loss.fusable(input, target, weight, pos_weight):
+        check_per_sample(spec, phase, target, weight)
+        if not plain or hooked or not fusable(input, target, weight, pos_weight):
             return spec.native(self(input), target, weight, pos_weight)
         if phase is not None and hasattr(phase, "bind"):
             phase = phase.bind(self, input)
-        return fused_loss.stack_loss(
+        return stack_loss(
             input,
             target,
             weight,

@@ -1,8 +1,9 @@
 """What ``torch-backprop bench`` shows: its report as a markdown table and as a bar chart of the ratios.
 
-The report is :func:`torch_backprop.benchmark.run_benchmark`'s; both outputs show measured
-times, ratios and saved bytes only. A project's own thresholds are no part of the report: a script
-that reads the JSON checks them (``benchmarks/check_threshold.py``).
+The report is :func:`torch_backprop.cli.bench.run_benchmark`'s, and everything shown is read from it
+(the contenders and ratios in the report's own order): measured times, ratios and saved bytes only.
+A project's own thresholds are no part of the report: a script that reads the JSON checks them
+(``benchmarks/check_threshold.py``).
 """
 
 from __future__ import annotations
@@ -11,10 +12,9 @@ import math
 import os
 from typing import Any
 
-from .benchmark import RATIOS
 from .files import write_figure
 
-__all__ = ["TABLE_COLUMNS", "format_table", "impossible_ratios", "plot_ratios"]
+__all__ = ["format_table", "impossible_ratios", "plot_ratios", "table_columns"]
 
 
 def _ms(seconds: float | None) -> str:
@@ -34,19 +34,24 @@ def _bytes(count: int | None) -> str:
     return f"{count} B"
 
 
-TABLE_COLUMNS = (
-    "case",
-    "manual ms",
-    "fused ms",
-    "native ms",
-    "compiled ms",
-    "floor ms",
-    "recompute ms",
-    *RATIOS,
-    "saved manual",
-    "saved native",
-    "saved recompute",
-)
+_SAVED = ("manual", "native", "recompute")  # the contenders whose saved bytes are counted
+_PEAK = ("manual", "native", "compiled")  # and whose peak CUDA memory is, where measured
+
+
+def _contenders(report: dict[str, Any]) -> list[str]:
+    return list(report["cases"][0]["median_s"]) if report["cases"] else []
+
+
+def _ratios(report: dict[str, Any]) -> list[str]:
+    return list(report["summary"]["median_ratios"])
+
+
+def table_columns(report: dict[str, Any]) -> list[str]:
+    """The table's header: the case, each contender's time, each ratio, saved bytes (peaks on CUDA)."""
+    cuda = any(c["peak_bytes"] for c in report["cases"])
+    columns = ["case", *(f"{name} ms" for name in _contenders(report)), *_ratios(report)]
+    columns += [f"saved {name}" for name in _SAVED]
+    return columns + ([f"peak {name}" for name in _PEAK] if cuda else [])
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -55,25 +60,22 @@ def format_table(report: dict[str, Any]) -> str:
     Times are medians in milliseconds; "saved" is bytes saved for backward, activations only
     (parameters, saved alike by every contender, excluded); peak CUDA memory follows when measured.
     """
-    cuda = any(c["peak_bytes"] for c in report["cases"])
-    columns = list(TABLE_COLUMNS) + (["peak manual", "peak native", "peak compiled"] if cuda else [])
+    columns = table_columns(report)
+    cuda = columns[-1].startswith("peak")
+    contenders, ratios = _contenders(report), _ratios(report)
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join(["---"] + ["---:"] * (len(columns) - 1)) + "|"]
     for c in report["cases"]:
         t, saved = c["median_s"], c["saved_activation_bytes"]
-        row = [
-            c["name"],
-            *(_ms(t[name]) for name in ("manual", "fused", "native", "compiled", "floor", "recompute")),
-        ]
-        row += [_x(c["ratios"][key]) for key in RATIOS]
-        row += [_bytes(saved["manual"]), _bytes(saved["native"]), _bytes(saved["recompute"])]
+        row = [c["name"], *(_ms(t[name]) for name in contenders)]
+        row += [_x(c["ratios"][key]) for key in ratios]
+        row += [_bytes(saved[name]) for name in _SAVED]
         if cuda:
             peak = c["peak_bytes"] or {}
-            row += [_bytes(peak.get(name)) for name in ("manual", "native", "compiled")]
+            row += [_bytes(peak.get(name)) for name in _PEAK]
         lines.append("| " + " | ".join(row) + " |")
     if report["cases"]:
         medians = report["summary"]["median_ratios"]
-        times = 6
-        row = ["**median**", *[""] * times, *(_x(medians[key]) for key in RATIOS)]
+        row = ["**median**", *[""] * len(contenders), *(_x(medians[key]) for key in ratios)]
         row += [""] * (len(columns) - len(row))
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
@@ -104,7 +106,7 @@ def plot_ratios(report: dict[str, Any], path: str | os.PathLike[str]) -> None:
     from matplotlib.figure import Figure
 
     cases = report["cases"]
-    keys = [key for key in RATIOS if any(c["ratios"][key] is not None for c in cases)]
+    keys = [key for key in _ratios(report) if any(c["ratios"][key] is not None for c in cases)]
     width = 0.8 / max(len(keys), 1)
     figure = Figure(figsize=(max(8.0, 0.55 * len(cases) + 2), 4.8))
     axes = figure.subplots()

@@ -3,8 +3,8 @@ r"""The slides' forward and backward phases for a whole fully connected stack, a
 Implements "Backpropagation of Deep Neural Network" (A. Tse, UCL, 2022) top-down, in the order of
 slide 10: the forward phase (slide 3) and beside it its forward-mode derivative (the tangent phase,
 T1-T2), the tape they leave for the backward phase, the δ recursion (BP1-BP2, slides 8-10), the
-backward phase (BP3-BP5). :mod:`torch_backprop.function` connects them to autograd
-(:class:`~torch_backprop.function.MLPFunction`).
+backward phase (BP3-BP5). :mod:`torch_backprop.core.function` connects them to autograd
+(:class:`~torch_backprop.core.function.MLPFunction`).
 
 Notation, used everywhere in this package (BackPACK's manner):
     N: batch (rows), L: number of layers, n_l: width of layer l, n_0 = in_features.
@@ -54,6 +54,7 @@ __all__ = [
     "Tape",
     "backward_phase",
     "deltas",
+    "dropout_masks",
     "forward_phase",
     "lowest_layer",
     "make_tape",
@@ -61,7 +62,7 @@ __all__ = [
 ]
 
 # ---------------------------------------------------------------------------------------------
-# The parameters.
+# The parameters, and the dropout masks m^(l).
 
 
 class Stack(NamedTuple):
@@ -81,6 +82,25 @@ class Stack(NamedTuple):
     def unflatten(cls, params: Sequence[Any], depth: int) -> Stack:
         """The stack from the flat list of L weights, L biases and L - 1 masks."""
         return cls(params[:depth], params[depth : 2 * depth], params[2 * depth : 3 * depth - 1])
+
+
+def dropout_masks(
+    rows: int, widths: Sequence[int], p: float, dtype: torch.dtype, device: torch.device
+) -> list[Tensor]:
+    """Masks m^(l) ∈ {0, 1/(1-p)} for the hidden layers, drawn as ``nn.Dropout`` draws them.
+
+    Under torch.func transforms they are drawn out of place (``torch.bernoulli``), so that
+    ``vmap(..., randomness="different")`` draws one mask per vmapped call, as it does for
+    ``nn.Dropout`` (an in-place draw into an unbatched tensor is refused there).
+    """
+    if torch._C._are_functorch_transforms_active():
+        return [
+            torch.bernoulli(torch.full((rows, width), 1 - p, dtype=dtype, device=device)) / (1 - p)
+            for width in widths
+        ]
+    return [
+        torch.empty(rows, width, dtype=dtype, device=device).bernoulli_(1 - p).div_(1 - p) for width in widths
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
