@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("laplace")
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "laplace_mnist.py"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "laplace_mnist.py"
 TINY = ["--dataset", "fake", "--fake-size", "96", "--epochs", "1", "--hidden", "16", "--batch-size", "32"]
 
 

@@ -37,7 +37,7 @@ from torch.utils._pytree import tree_leaves
 
 from torch_backprop import BackpropMLP, available_activations, per_sample
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 ALL = tuple(available_activations())
 FEW = ("tanh", "relu")  # for the slow tools (compilation, export, finite differences)
 F64 = GRAD_TOLERANCE[torch.float64]
@@ -368,7 +368,7 @@ def markdown_table() -> str:
 def test_readme_shows_the_table() -> None:
     text = README.read_text()
     assert markdown_table() in text, (
-        "README.md's compatibility table differs from tests/test_compat.py:\n" + (markdown_table())
+        "README.md's compatibility table differs from tests/core/test_compat.py:\n" + (markdown_table())
     )
 
 

@@ -4,7 +4,7 @@ Every process draws the same global batches and takes its own contiguous share o
 generator is seeded alike everywhere (dp_sgd_step draws only on rank 0). Rank 0 writes the final
 parameters (or the error dp_sgd_step raised) to the file named on the command line.
 
-    python tests/_dp_distributed.py OUT [plain|ddp-no-sync|ddp]
+    python tests/firstorder/_dp_distributed.py OUT [plain|ddp-no-sync|ddp]
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from torch_backprop import BackpropMLP
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BENCHMARKS = ROOT / "benchmarks"
 
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from torch_backprop import BackpropMLP, dp_sgd_step, per_sample
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def sgd(model: nn.Module) -> torch.optim.Optimizer:
@@ -175,7 +175,7 @@ def run(*args: str, torchrun: bool = False) -> None:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     command = [
         *(launcher if torchrun else [sys.executable]),
-        str(ROOT / "tests" / "_dp_distributed.py"),
+        str(ROOT / "tests" / "firstorder" / "_dp_distributed.py"),
         *args,
     ]
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)

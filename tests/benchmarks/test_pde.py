@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import assert_close
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 F32 = (1e-4, 1e-5)  # float32, second derivatives through a few layers
 
 
