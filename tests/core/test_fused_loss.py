@@ -82,6 +82,24 @@ def test_extra_leading_dimensions_and_reductions(loss, reduction):
     assert_loss_matches(model, x, make_target(loss, lead, torch.float64), loss, reduction=reduction)
 
 
+@pytest.mark.parametrize("create_graph", [False, True], ids=["grad", "create_graph"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("loss", LOSSES)
+def test_empty_batch_equals_F(loss, reduction, create_graph):
+    """An empty batch: the same value as F on the twin (nan for a mean), zero-sized gradients."""
+    model = BackpropMLP(SIZES, activation="tanh", dtype=torch.float64)
+    twin = model.to_sequential()
+    x = torch.randn(0, SIZES[0], dtype=torch.float64)
+    y = make_target(loss, (0,), torch.float64)
+    ours = model.loss(x, y, loss, reduction=reduction)
+    ref = native_loss(loss, twin(x), y, reduction=reduction)
+    torch.testing.assert_close(ours, ref, equal_nan=True)
+    ours_grads = torch.autograd.grad(ours, list(model.parameters()), create_graph=create_graph)
+    ref_grads = torch.autograd.grad(ref, list(twin.parameters()), create_graph=create_graph)
+    for g, r in zip(ours_grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, r, equal_nan=True)
+
+
 def test_one_unbatched_sample():
     model = BackpropMLP(SIZES, dtype=torch.float64)
     x = torch.randn(SIZES[0], dtype=torch.float64)

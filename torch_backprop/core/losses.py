@@ -246,14 +246,14 @@ def loss_and_gradient(
     rows, classes = h.shape
     differentiable = torch.is_grad_enabled()
     reduction = _REDUCTION_ENUM[spec.reduction]
+    # s of FL1/FL3; an empty batch has an empty Q' whatever s is (Q itself is F's nan for a mean)
+    s = 1.0 / max(rows * classes, 1) if spec.reduction == "mean" else 1.0
     if spec.kind == "mse":
-        s = 1.0 / (rows * classes) if spec.reduction == "mean" else 1.0
         diff = h - target
         grad = diff.mul(2 * s) if differentiable else diff.mul_(2 * s)
         return torch._C._nn.mse_loss(h, target, reduction), grad  # FL1
     if spec.kind == "binary_cross_entropy_with_logits":
         loss = torch.binary_cross_entropy_with_logits(h, target, weight, pos_weight, reduction)
-        s = 1.0 / (rows * classes) if spec.reduction == "mean" else 1.0
         p = torch.sigmoid(h)
         if pos_weight is None:
             grad = p - target
