@@ -6,7 +6,7 @@ Opacus (``GradSampleModule`` + ``DPOptimizer``, or ghost clipping with
 * ``twin``: the BackpropMLP's native twin (``to_sequential()``): Opacus's per-layer hooks fire
   during native autograd's per-layer backward;
 * ``fused``: the BackpropMLP itself: its stack runs as one Function and calls Opacus's hooks with
-  the h^(l) and δ^(l+1) of the one δ recursion (:mod:`torch_backprop.interop`).
+  the h^(l) and δ^(l+1) of the one δ recursion (:mod:`torch_backprop.core.opacus_hooks`).
 
 A step is zero_grad, forward, cross-entropy (mean), backward, ``optimizer.step()`` with noise
 σ = 1 and C = 1. Before timing, one noise-free step of each contender must leave the same

@@ -154,3 +154,51 @@ def test_longest_import_chain():
 def test_each_subpackage_states_its_import_rule(subpackage):
     doc = ast.get_docstring(ast.parse((PACKAGE / subpackage / "__init__.py").read_text()))
     assert doc and "Import rule" in doc
+
+
+# The public API of the flat layout, as it was, stays importable.
+PUBLIC = [
+    "Activation", "AdaptiveClipping", "BackpropMLP", "MLPFunction", "activations",
+    "available_activations", "curvature", "dp_sgd_step", "functional", "get_activation",
+    "ggn_vector_product", "per_sample", "register_activation", "testing",
+]
+
+
+def test_the_public_names_stay():
+    import torch_backprop
+
+    assert sorted(torch_backprop.__all__) == sorted(PUBLIC)
+    for name in PUBLIC:
+        assert getattr(torch_backprop, name) is not None
+    assert callable(torch_backprop.curvature) and callable(torch_backprop.per_sample)
+
+
+@pytest.mark.parametrize(
+    "path, names",
+    [
+        ("torch_backprop.activations", ["Activation", "register_activation", "get_activation"]),
+        ("torch_backprop.functional", ["mlp", "mlp_loss"]),
+        ("torch_backprop.testing", ["assert_gradients_match", "compare_gradients", "GradientError"]),
+        ("torch_backprop.laplace", ["BackpropGGN", "split_last_layer"]),
+    ],
+)
+def test_the_public_module_paths_stay(path, names):
+    import importlib
+
+    if path == "torch_backprop.laplace":
+        pytest.importorskip("laplace")
+    module = importlib.import_module(path)
+    for name in names:
+        assert hasattr(module, name), f"{path}.{name}"
+
+
+def test_the_old_fused_loss_path_warns_and_works():
+    import importlib
+    import sys
+
+    from torch_backprop.functional import mlp_loss
+
+    sys.modules.pop("torch_backprop.fused_loss", None)
+    with pytest.warns(DeprecationWarning, match="torch_backprop.functional"):
+        old = importlib.import_module("torch_backprop.fused_loss")
+    assert old.mlp_loss is mlp_loss

@@ -1,4 +1,4 @@
-"""The losses inside the stack (BackpropMLP.loss, fused_loss.mlp_loss) equal F's losses on the twin."""
+"""The losses inside the stack (``BackpropMLP.loss``, ``functional.mlp_loss``) equal F's on the twin."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Per-sample references for the per_sample, dp and interop tests: loops and vmap on the native twin.
+"""Per-sample references for the per_sample, dp_sgd and opacus_hooks tests: loops and vmap on the native twin.
 
 Per-sample gradients follow Opacus: the gradient of sample b's own loss term ℓ_b, where the batch
 loss is Σ_b ℓ_b ("sum") or (1/B) Σ_b ℓ_b ("mean").
