@@ -13,14 +13,15 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "torch_backprop"
-SUBPACKAGES = ("core", "firstorder", "secondorder", "cli")
+SUBPACKAGES = ("core", "firstorder", "secondorder", "pde", "cli")
 
 # What each subpackage may import, besides itself.
 ALLOWED = {
     "core": set(),
     "firstorder": {"core"},
     "secondorder": {"core"},
-    "cli": {"core", "firstorder", "secondorder", "facade"},
+    "pde": {"core"},
+    "cli": {"core", "firstorder", "secondorder", "pde", "facade"},
 }
 MAX_CHAIN = 6
 
@@ -161,6 +162,7 @@ PUBLIC = [
     "Activation", "AdaptiveClipping", "BackpropMLP", "MLPFunction", "activations",
     "available_activations", "curvature", "dp_sgd_step", "functional", "get_activation",
     "ggn_vector_product", "per_sample", "register_activation", "testing",
+    "input_derivatives", "laplacian", "pde",
 ]
 
 
@@ -180,6 +182,7 @@ def test_the_public_names_stay():
         ("torch_backprop.functional", ["mlp", "mlp_loss"]),
         ("torch_backprop.testing", ["assert_gradients_match", "compare_gradients", "GradientError"]),
         ("torch_backprop.laplace", ["BackpropGGN", "split_last_layer"]),
+        ("torch_backprop.pde", ["input_derivatives", "laplacian", "InputDerivatives"]),
     ],
 )
 def test_the_public_module_paths_stay(path, names):

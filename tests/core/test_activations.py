@@ -35,6 +35,20 @@ def test_derivative_equals_autograd_derivative_of_sigma(name):
 @pytest.mark.parametrize(
     "act",
     [get_activation(name) for name in available_activations()]
+    + [get_activation("elu", alpha=-1.0), get_activation("softplus", beta=2.0, threshold=3.0)],
+    ids=repr,
+)
+def test_third_derivative_equals_autograd(act):
+    z = torch.linspace(-6, 6, 121, dtype=torch.float64) + 0.0125  # off the kinks at 0
+    saved = {"h": act.fn(z), "z": z, "none": z}[act.derivative_from]
+    grad = torch.func.grad
+    expected = torch.func.vmap(grad(grad(grad(act.fn))))(z)
+    torch.testing.assert_close(act.third_derivative(saved), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "act",
+    [get_activation(name) for name in available_activations()]
     + [get_activation("leaky_relu", negative_slope=-0.5), get_activation("elu", alpha=-1.0)],
     ids=repr,
 )

@@ -63,6 +63,10 @@ class Activation:
             (``derivative_from``); :func:`zero_second_derivative` for piecewise-linear σ. Only the
             Hessian diagonal (:mod:`torch_backprop.secondorder.curvature`, ``diag_h``) reads it; ``None``
             (default) means unknown.
+        third_derivative: optional σ''' written in terms of the same tensor;
+            :func:`zero_second_derivative` for piecewise-linear σ. Only the backward phase of the
+            input-derivative operators (:mod:`torch_backprop.pde`) reads it; where it is ``None``,
+            autograd differentiates those operators instead.
 
     Attributes:
         forward: σ of a fresh pre-activation z, ``forward(z)``: ``inplace`` (on z) when given and
@@ -81,6 +85,7 @@ class Activation:
     module: Callable[[], nn.Module] | None = None
     params: dict[str, Any] = field(default_factory=dict)
     second_derivative: Callable[[Tensor], Tensor] | None = None
+    third_derivative: Callable[[Tensor], Tensor] | None = None
     forward: Callable[[Tensor], Tensor] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -188,6 +193,7 @@ def register_activation(
     derivative_from: DerivativeFrom = "z",
     overwrite: bool = False,
     second_derivative: Callable[[Tensor], Tensor] | None = None,
+    third_derivative: Callable[[Tensor], Tensor] | None = None,
 ) -> None:
     """Register an activation under ``name``.
 
@@ -201,7 +207,10 @@ def register_activation(
         derivative_from: which tensor σ' reads: ``"z"`` (default, always correct) or ``"h"``.
         overwrite: replace an existing entry of the same name.
         second_derivative: optional σ'' as a function of the same tensor as ``derivative`` (only
-            the Hessian diagonal of :mod:`torch_backprop.secondorder.curvature` needs it).
+            the Hessian diagonal of :mod:`torch_backprop.secondorder.curvature` and the
+            input-derivative operators of :mod:`torch_backprop.pde` need it).
+        third_derivative: optional σ''' as a function of the same tensor (the backward phase of
+            :mod:`torch_backprop.pde` reads it; without it, autograd differentiates the operators).
 
     Raises:
         ValueError: the name is taken and ``overwrite`` is false, or ``derivative_from`` is unknown.
@@ -220,7 +229,14 @@ def register_activation(
         return
 
     def factory() -> Activation:
-        return Activation(name, fn, derivative, derivative_from, second_derivative=second_derivative)
+        return Activation(
+            name,
+            fn,
+            derivative,
+            derivative_from,
+            second_derivative=second_derivative,
+            third_derivative=third_derivative,
+        )
 
     _REGISTRY[name] = factory
 
@@ -349,6 +365,7 @@ def _identity() -> Activation:
         "none",
         module=nn.Identity,
         second_derivative=zero_second_derivative,
+        third_derivative=zero_second_derivative,
     )
 
 
@@ -363,6 +380,7 @@ def _relu() -> Activation:
         inplace=torch.relu_,
         module=nn.ReLU,
         second_derivative=zero_second_derivative,  # σ'' = 0 (almost everywhere)
+        third_derivative=zero_second_derivative,
     )
 
 
@@ -380,6 +398,7 @@ def _leaky_relu(negative_slope: float = 0.01) -> Activation:
         module=lambda: nn.LeakyReLU(slope),
         params={"negative_slope": slope},
         second_derivative=zero_second_derivative,  # σ'' = 0 (almost everywhere)
+        third_derivative=zero_second_derivative,
     )
 
 
@@ -407,6 +426,7 @@ def _elu(alpha: float = 1.0) -> Activation:
         module=lambda: nn.ELU(alpha),
         params={"alpha": alpha},
         second_derivative=second,
+        third_derivative=second,  # σ'''(z) = σ''(z): 0 if z > 0 else α e^z
     )
 
 
@@ -439,6 +459,24 @@ def _gelu_tanh_second_derivative(z: Tensor) -> Tensor:
     return (1 - t * t) * (du + 0.5 * z * (6 * 0.044715 * k * z - 2 * t * du * du))
 
 
+def _gelu_third_derivative(z: Tensor) -> Tensor:
+    # σ''(z) = φ(z) (2 - z²)  =>  σ'''(z) = -z φ (2 - z²) - 2 z φ = z φ(z) (z² - 4)
+    pdf = torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
+    return z * pdf * (z * z - 4)
+
+
+def _gelu_tanh_third_derivative(z: Tensor) -> Tensor:
+    # σ'' = w P with w = 1 - t², P = u' + z/2 (u'' - 2 t u'²), w' = -2 t w u', u''' = 6·0.044715 k:
+    # σ''' = w (P' - 2 t u' P),  P' = 3/2 u'' + z/2 u''' - t u'² - z w u'³ - 2 z t u' u''
+    k, a = math.sqrt(2 / math.pi), 0.044715
+    t = torch.tanh(k * (z + a * z**3))
+    w = 1 - t * t
+    du, ddu = k * (1 + 3 * a * z * z), 6 * a * k * z
+    p = du + 0.5 * z * (ddu - 2 * t * du * du)
+    dp = 1.5 * ddu + 3 * a * k * z - t * du * du - z * w * du**3 - 2 * z * t * du * ddu
+    return w * (dp - 2 * t * du * p)
+
+
 def _gelu() -> Activation:
     return Activation(
         "gelu",
@@ -448,6 +486,7 @@ def _gelu() -> Activation:
         **_kernel(aten.gelu_backward),
         module=nn.GELU,
         second_derivative=_gelu_second_derivative,
+        third_derivative=_gelu_third_derivative,
     )
 
 
@@ -460,6 +499,7 @@ def _gelu_tanh() -> Activation:
         **_kernel(aten.gelu_backward, approximate="tanh"),
         module=lambda: nn.GELU(approximate="tanh"),
         second_derivative=_gelu_tanh_second_derivative,
+        third_derivative=_gelu_tanh_third_derivative,
     )
 
 
@@ -474,6 +514,11 @@ def _silu() -> Activation:
         s = torch.sigmoid(z)
         return s * (1 - s) * (2 + z * (1 - 2 * s))
 
+    # σ'''(z) = s (1 - s) ((1 - 2s)(3 + z (1 - 2s)) - 2 z s (1 - s))
+    def third_derivative(z: Tensor) -> Tensor:
+        s = torch.sigmoid(z)
+        return s * (1 - s) * ((1 - 2 * s) * (3 + z * (1 - 2 * s)) - 2 * z * s * (1 - s))
+
     return Activation(
         "silu",
         F.silu,
@@ -483,11 +528,12 @@ def _silu() -> Activation:
         fused_differentiable=False,  # aten has no derivative for silu_backward
         module=nn.SiLU,
         second_derivative=second_derivative,
+        third_derivative=third_derivative,
     )
 
 
 def _sigmoid() -> Activation:
-    # σ'(z) = σ(z)(1 - σ(z)) = h (1 - h),  σ''(z) = h (1 - h)(1 - 2h)
+    # σ'(z) = σ(z)(1 - σ(z)) = h (1 - h),  σ''(z) = h (1 - h)(1 - 2h),  σ'''(z) = h (1 - h)(1 - 6h + 6h²)
     return Activation(
         "sigmoid",
         torch.sigmoid,
@@ -497,11 +543,12 @@ def _sigmoid() -> Activation:
         inplace=torch.sigmoid_,
         module=nn.Sigmoid,
         second_derivative=lambda h: h * (1 - h) * (1 - 2 * h),
+        third_derivative=lambda h: h * (1 - h) * (1 - 6 * h + 6 * h * h),
     )
 
 
 def _tanh() -> Activation:
-    # σ'(z) = 1 - tanh²(z) = 1 - h²,  σ''(z) = -2 h (1 - h²)
+    # σ'(z) = 1 - tanh²(z) = 1 - h²,  σ''(z) = -2 h (1 - h²),  σ'''(z) = -2 (1 - h²)(1 - 3h²)
     return Activation(
         "tanh",
         torch.tanh,
@@ -511,12 +558,13 @@ def _tanh() -> Activation:
         inplace=torch.tanh_,
         module=nn.Tanh,
         second_derivative=lambda h: -2 * h * (1 - h * h),
+        third_derivative=lambda h: -2 * (1 - h * h) * (1 - 3 * h * h),
     )
 
 
 def _softplus(beta: float = 1.0, threshold: float = 20.0) -> Activation:
     # σ(z) = log(1 + e^{βz})/β (z where βz > threshold)  =>  σ'(z) = sigmoid(βz) (1 there),
-    # σ''(z) = β s (1 - s) with s = sigmoid(βz) (0 there)
+    # σ''(z) = β s (1 - s) with s = sigmoid(βz) (0 there), σ'''(z) = β² s (1 - s)(1 - 2s) (0 there)
     beta, threshold = float(beta), float(threshold)
     return Activation(
         "softplus",
@@ -529,7 +577,13 @@ def _softplus(beta: float = 1.0, threshold: float = 20.0) -> Activation:
         second_derivative=lambda z: torch.where(
             z * beta > threshold, 0.0, beta * torch.sigmoid(z * beta) * (1 - torch.sigmoid(z * beta))
         ).to(z.dtype),
+        third_derivative=lambda z: _softplus_third_derivative(z, beta, threshold),
     )
+
+
+def _softplus_third_derivative(z: Tensor, beta: float, threshold: float) -> Tensor:
+    s = torch.sigmoid(z * beta)
+    return torch.where(z * beta > threshold, 0.0, beta**2 * s * (1 - s) * (1 - 2 * s)).to(z.dtype)
 
 
 for _name, _factory in [
