@@ -34,7 +34,7 @@ def _restore_registry(monkeypatch):
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
 
 
-def reference(twin, x, coordinates, matrix, params=None):
+def reference(twin, x, coordinates, matrix, params=None, drift=None):
     """(u, ∂u (N, out, K), D u) of ``twin`` by torch.func: jacrev and hessian, per point."""
     params = dict(twin.named_parameters()) if params is None else params
 
@@ -42,15 +42,20 @@ def reference(twin, x, coordinates, matrix, params=None):
         return functional_call(twin, params, (point,))
 
     u = f(x)
-    jacobian = vmap(jacrev(f))(x)[..., coordinates]
+    jacobian = vmap(jacrev(f))(x)
     hess = vmap(hessian(f))(x)[..., coordinates, :][..., coordinates]
     operator = torch.einsum("nojk,njk->no", hess, matrix.expand(x.shape[0], -1, -1))
-    return u, jacobian, operator
+    if drift is not None:
+        operator = operator + torch.einsum("noi,ni->no", jacobian, drift.expand(x.shape[0], -1))
+    return u, jacobian[..., coordinates], operator
 
 
-def coefficient_cases(rows, count, dtype):
-    """name -> (keyword arguments, the (N, K, K) matrix they mean)."""
+def coefficient_cases(rows, count, dtype, dim=None):
+    """name -> (keyword arguments, the (N, K, K) matrix they mean); ``dim``: the input's, for drifts."""
     g = torch.Generator().manual_seed(3)
+    dim = count if dim is None else dim
+    drift = torch.randn(dim, generator=g, dtype=dtype)
+    per_point_drift = torch.randn(rows, dim, generator=g, dtype=dtype)
     diagonal = torch.randn(count, generator=g, dtype=dtype)
     per_point_diagonal = torch.randn(rows, count, generator=g, dtype=dtype)
     matrix = torch.randn(count, count, generator=g, dtype=dtype)
@@ -62,6 +67,16 @@ def coefficient_cases(rows, count, dtype):
         "per-point-diagonal": ({"diagonal": per_point_diagonal}, torch.diag_embed(per_point_diagonal)),
         "matrix": ({"matrix": matrix}, symmetric(matrix)),
         "per-point-matrix": ({"matrix": per_point_matrix}, symmetric(per_point_matrix)),
+        "matrix+drift": ({"matrix": matrix, "drift": drift}, symmetric(matrix)),
+        "per-point-matrix+drift": (
+            {"matrix": per_point_matrix, "drift": per_point_drift},
+            symmetric(per_point_matrix),
+        ),
+        "diagonal+drift": ({"diagonal": diagonal, "drift": drift}, torch.diag(diagonal)),
+        "per-point-diagonal+drift": (
+            {"diagonal": per_point_diagonal, "drift": per_point_drift},
+            torch.diag_embed(per_point_diagonal),
+        ),
     }
 
 
@@ -75,8 +90,9 @@ def loss_of(u, du, Du, generator_seed=5):
 def assert_equal_to_reference(model, x, coordinates, kwargs, matrix, tolerance=(F64_OUT, F64)):
     twin = model.to_sequential()
     x = x.detach().requires_grad_()
+    drift = kwargs.get("drift")
     u, du, Du = input_derivatives(model, x, coordinates, **kwargs)
-    ref_u, ref_du, ref_Du = reference(twin, x.detach(), coordinates, matrix)
+    ref_u, ref_du, ref_Du = reference(twin, x.detach(), coordinates, matrix, drift=drift)
     assert_close(u, ref_u, tolerance[0], "u")
     assert_close(du, ref_du, tolerance[1], "∂u")
     assert_close(Du, ref_Du, tolerance[1], "D u")
@@ -84,7 +100,7 @@ def assert_equal_to_reference(model, x, coordinates, kwargs, matrix, tolerance=(
     grads = torch.autograd.grad(loss_of(u, du, Du), [x, *model.parameters()])
 
     def ref_loss(inputs, params):
-        return loss_of(*reference(twin, inputs, coordinates, matrix, params))
+        return loss_of(*reference(twin, inputs, coordinates, matrix, params, drift))
 
     ref_grads = torch.func.grad(ref_loss, argnums=(0, 1))(x.detach(), dict(twin.named_parameters()))
     for name, grad, ref in zip(names, grads, [ref_grads[0], *ref_grads[1].values()], strict=True):
@@ -96,7 +112,7 @@ def assert_equal_to_reference(model, x, coordinates, kwargs, matrix, tolerance=(
 def test_every_activation_equals_torch_func(activation, bias):
     model = BackpropMLP([4, 6, 5, 2], activation, output_activation="tanh", bias=bias, dtype=torch.float64)
     x = torch.randn(5, 4, dtype=torch.float64)
-    (kwargs, matrix) = coefficient_cases(5, 4, torch.float64)["per-point-matrix"]
+    (kwargs, matrix) = coefficient_cases(5, 4, torch.float64)["per-point-matrix+drift"]
     assert_equal_to_reference(model, x, [0, 1, 2, 3], kwargs, matrix)
 
 
@@ -105,7 +121,7 @@ def test_every_activation_equals_torch_func(activation, bias):
 def test_every_kind_of_coefficients_equals_torch_func(case, coordinates):
     model = BackpropMLP([4, 7, 7, 1], "gelu", dtype=torch.float64)
     x = torch.randn(6, 4, dtype=torch.float64)
-    kwargs, matrix = coefficient_cases(6, len(coordinates), torch.float64)[case]
+    kwargs, matrix = coefficient_cases(6, len(coordinates), torch.float64, dim=4)[case]
     assert_equal_to_reference(model, x, coordinates, kwargs, matrix)
 
 
@@ -123,7 +139,7 @@ def test_random_architectures_equal_torch_func(widths, dims, hidden, output, row
     d, out = dims
     model = BackpropMLP([d, *widths, out], hidden, output_activation=output, dtype=torch.float64)
     x = torch.randn(rows, d, dtype=torch.float64)
-    kwargs, matrix = coefficient_cases(rows, d, torch.float64)["matrix"]
+    kwargs, matrix = coefficient_cases(rows, d, torch.float64)["matrix+drift"]
     assert_equal_to_reference(model, x, list(range(d)), kwargs, matrix)
 
 
@@ -169,7 +185,11 @@ def _stack(model):
 def test_the_node_passes_gradcheck_and_gradgradcheck():
     model = BackpropMLP([3, 4, 4, 2], "silu", output_activation="tanh", dtype=torch.float64)
     weights, biases = _stack(model)
-    c = Coefficients(torch.tensor([0, 2]), matrix=torch.tensor([[1.0, 0.3], [0.3, 2.0]], dtype=torch.float64))
+    c = Coefficients(
+        torch.tensor([0, 2]),
+        matrix=torch.tensor([[1.0, 0.3], [0.3, 2.0]], dtype=torch.float64),
+        drift=torch.randn(3, 3, dtype=torch.float64),
+    )
     x = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
 
     def f(x, *params):

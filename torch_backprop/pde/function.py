@@ -22,6 +22,7 @@ from .taylor import Coefficients, LayerTape, taylor_backward, taylor_forward
 __all__ = ["TaylorFunction", "taylor_derivatives"]
 
 _TAPE_FIELDS = len(LayerTape._fields)
+_COEFFICIENT_FIELDS = len(Coefficients._fields)
 
 
 class TaylorFunction(torch.autograd.Function):
@@ -49,7 +50,7 @@ class TaylorFunction(torch.autograd.Function):
         depth = len(activations)
         x, *saved = ctx.saved_tensors
         weights, biases = saved[:depth], saved[depth : 2 * depth]
-        c = Coefficients(*saved[2 * depth : 2 * depth + 3])
+        c = Coefficients(*saved[2 * depth : 2 * depth + _COEFFICIENT_FIELDS])
         needs = ctx.needs_input_grad
         needs_params = needs[3:]
         if torch.is_grad_enabled():
@@ -71,7 +72,7 @@ class TaylorFunction(torch.autograd.Function):
                 None,
                 *(next(grads) if n else None for n in needs_params),
             )
-        flat = saved[2 * depth + 3 :]
+        flat = saved[2 * depth + _COEFFICIENT_FIELDS :]
         tape = [LayerTape(*flat[k * _TAPE_FIELDS : (k + 1) * _TAPE_FIELDS]) for k in range(depth)]
         grad_x, grad_weights, grad_biases = taylor_backward(
             x, activations, weights, c, tape, (u_bar, du_bar, Du_bar), needs_x=needs[0]

@@ -1,10 +1,10 @@
-r"""u, ∂u/∂x and D u = Σ_jk C_jk ∂²u/∂x_j∂x_k of a BackpropMLP in one forward pass: the public entry points.
+r"""u, ∂u/∂x and D u = Σ C_jk ∂²u/∂x_j∂x_k + Σ b_i ∂u/∂x_i of a BackpropMLP in one forward pass.
 
-:func:`input_derivatives` takes the coordinates and the coefficients of the operator (a Laplacian,
-a diffusion term such as Black-Scholes' ½σ²S² ∂²/∂S², any symmetric matrix, constant or per point)
-and returns the network's value, its gradient in those coordinates and the operator applied to it,
-from :mod:`torch_backprop.pde.taylor` (TY1-TY4); ``.backward()`` through them runs TA1-TA5.
-:func:`laplacian` is the common case C = I.
+The public entry points. :func:`input_derivatives` takes the coordinates and the coefficients of
+the operator (a Laplacian, a diffusion term such as Black-Scholes' ½σ²S² ∂²/∂S², any symmetric
+matrix, constant or per point, and a first-order term) and returns the network's value, its
+gradient in those coordinates and the operator applied to it, from :mod:`torch_backprop.pde.taylor`
+(TY1-TY4); ``.backward()`` through them runs TA1-TA5. :func:`laplacian` is the common case C = I.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ class InputDerivatives(NamedTuple):
         value: u, ``(*, H_out)``: the model's output.
         gradient: ∂u/∂x_{i_k}, ``(*, H_out, K)``: the Jacobian's columns for the K coordinates, as
             ``torch.func.vmap(torch.func.jacrev(model))`` lays it out.
-        operator: D u = Σ_jk C_jk ∂²u/∂x_{i_j}∂x_{i_k}, ``(*, H_out)``; the Laplacian Δu for C = I.
+        operator: D u = Σ_jk C_jk ∂²u/∂x_{i_j}∂x_{i_k} + Σ_i b_i ∂u/∂x_i, ``(*, H_out)``; the
+            Laplacian Δu for C = I and no b.
     """
 
     value: Tensor
@@ -45,12 +46,17 @@ def input_derivatives(
     *,
     diagonal: Tensor | None = None,
     matrix: Tensor | None = None,
+    drift: Tensor | None = None,
 ) -> InputDerivatives:
-    r"""u, its gradient and the second-order operator D u of ``model`` at ``input``, in one forward pass.
+    r"""u, its gradient and a linear second-order operator D u of ``model`` at ``input``, in one pass.
 
-    D = Σ_jk C_jk ∂²/∂x_{i_j}∂x_{i_k} over the chosen coordinates i_1, ..., i_K, with C given by its
-    ``diagonal`` or as a ``matrix``, for all points or one per point; neither gives C = I, the
-    Laplacian. The derivatives are carried up the stack beside h^(l) (TY1-TY4 of
+    D = Σ_jk C_jk ∂²/∂x_{i_j}∂x_{i_k} + Σ_i b_i ∂/∂x_i: second derivatives over the chosen
+    coordinates i_1, ..., i_K, with C given by its ``diagonal`` or as a ``matrix`` (neither: C = I,
+    the Laplacian), and an optional first-order term b (``drift``) over all input coordinates, each
+    for all points or one per point. The first-order term costs nothing beyond the second-order one
+    (it enters D u at the first layer), so a PDE residual such as Black-Scholes'
+    u_t + r S u_S + ½σ²S² u_SS needs derivatives carried for S alone. The derivatives are carried up
+    the stack beside h^(l) (TY1-TY4 of
     :mod:`torch_backprop.pde.taylor`), so no backward runs to compute them; a loss of them
     (a PDE residual) backpropagates to the parameters (and to ``input``) by the adjoint recursion
     TA1-TA5 as one autograd node. Double backward works (``create_graph=True`` reruns the
@@ -67,6 +73,8 @@ def input_derivatives(
         diagonal: C's diagonal, ``(K,)`` for every point or ``(*, K)`` per point (e.g.
             ``[0, ½σ²S²]`` for Black-Scholes' diffusion over coordinates ``(t, S)``).
         matrix: C itself, ``(K, K)`` or ``(*, K, K)``; only its symmetric part counts.
+        drift: b, the first-order coefficients over all input coordinates, ``(H_in,)`` or
+            ``(*, H_in)``; default none.
 
     Returns:
         :class:`InputDerivatives` ``(value, gradient, operator)``.
@@ -110,7 +118,7 @@ def input_derivatives(
             "(register it with second_derivative=...)"
         )
     leading = input.shape[:-1]
-    c = _coefficients(input, coordinates, diagonal, matrix, caller)
+    c = _coefficients(input, coordinates, diagonal, matrix, drift, caller)
     x = input.reshape(-1, input.shape[-1])
     u, du, Du = taylor_derivatives(x, model.activations, weights, biases, c)
     du = du.permute(1, 2, 0)  # (K, N, H_out) -> (N, H_out, K)
@@ -167,6 +175,7 @@ def _coefficients(
     coordinates: Sequence[int] | Tensor | None,
     diagonal: Tensor | None,
     matrix: Tensor | None,
+    drift: Tensor | None,
     caller: str,
 ) -> Coefficients:
     """The checked :class:`Coefficients`, per-point ones flattened to the N rows of the input."""
@@ -196,28 +205,40 @@ def _coefficients(
         raise ValueError(f"{caller} takes the coefficients as diagonal= or as matrix=, not both")
     leading = tuple(input.shape[:-1])
     rows = input.numel() // dim if dim else 0
+    second = Coefficients(index)
     if diagonal is not None:
         _check_coefficient_tensor(diagonal, "diagonal", input, caller)
         if tuple(diagonal.shape) == (count,):
-            return Coefficients(index, diagonal=diagonal)
-        if tuple(diagonal.shape) == (*leading, count):
-            return Coefficients(index, diagonal=diagonal.reshape(rows, count))
-        raise ValueError(
-            f"{caller} expects diagonal of shape ({count},) or {(*leading, count)} (one per point), "
-            f"got {tuple(diagonal.shape)}"
-        )
+            second = Coefficients(index, diagonal=diagonal)
+        elif tuple(diagonal.shape) == (*leading, count):
+            second = Coefficients(index, diagonal=diagonal.reshape(rows, count))
+        else:
+            raise ValueError(
+                f"{caller} expects diagonal of shape ({count},) or {(*leading, count)} (one per point), "
+                f"got {tuple(diagonal.shape)}"
+            )
     if matrix is not None:
         _check_coefficient_tensor(matrix, "matrix", input, caller)
         if tuple(matrix.shape) == (count, count):
-            return Coefficients(index, matrix=0.5 * (matrix + matrix.t()))
-        if tuple(matrix.shape) == (*leading, count, count):
+            second = Coefficients(index, matrix=0.5 * (matrix + matrix.t()))
+        elif tuple(matrix.shape) == (*leading, count, count):
             symmetric = 0.5 * (matrix + matrix.transpose(-1, -2))
-            return Coefficients(index, matrix=symmetric.reshape(rows, count, count))
-        raise ValueError(
-            f"{caller} expects matrix of shape ({count}, {count}) or {(*leading, count, count)} "
-            f"(one per point), got {tuple(matrix.shape)}"
-        )
-    return Coefficients(index)
+            second = Coefficients(index, matrix=symmetric.reshape(rows, count, count))
+        else:
+            raise ValueError(
+                f"{caller} expects matrix of shape ({count}, {count}) or {(*leading, count, count)} "
+                f"(one per point), got {tuple(matrix.shape)}"
+            )
+    if drift is None:
+        return second
+    _check_coefficient_tensor(drift, "drift", input, caller)
+    if tuple(drift.shape) == (dim,):
+        return second._replace(drift=drift)
+    if tuple(drift.shape) == (*leading, dim):
+        return second._replace(drift=drift.reshape(rows, dim))
+    raise ValueError(
+        f"{caller} expects drift of shape ({dim},) or {(*leading, dim)} (one per point), got {tuple(drift.shape)}"
+    )
 
 
 def _check_coefficient_tensor(t: Tensor, name: str, input: Tensor, caller: str) -> None:

@@ -1,30 +1,32 @@
-r"""Input derivatives of the stack in one forward pass: u, ∂u/∂x and a second-order operator D u.
+r"""Input derivatives of the stack in one forward pass: u, ∂u/∂x and a linear operator D u.
 
 The slides' forward phase (slide 3) carries h^(l) up the stack. Carrying, beside it, the derivatives
-of h^(l) in the input (Taylor mode to second order, the "forward Laplacian" of Li et al. 2023
-generalised to any constant or per-point coefficient matrix) gives u, its gradient and a weighted
-sum of its second derivatives in the same pass, with no nested backward. This module holds the math
-as plain functions, top-down: the operator's coefficients, the forward phase with derivatives
-(TY1-TY4) and its backward phase (TA1-TA5), which :mod:`torch_backprop.pde.function` connects to
-autograd.
+of h^(l) in the input (Taylor mode to second order: the "forward Laplacian" of Li et al. 2023,
+generalised to any linear second-order operator with constant or per-point coefficients) gives u,
+its gradient and D u in the same pass, with no nested backward. This module holds the math as plain
+functions, top-down: the operator's coefficients, the forward phase with derivatives (TY1-TY4) and
+its backward phase (TA1-TA5), which :mod:`torch_backprop.pde.function` connects to autograd.
 
 Notation (that of :mod:`torch_backprop.core.phases`, plus):
-    d = n_0: input dimension;  i_1, ..., i_K: the K coordinates the derivatives are taken in.
-    C: the symmetric K×K coefficient matrix (or one per point, (N, K, K)); given by its diagonal
-       (K,) / (N, K) when diagonal; the identity over all d coordinates by default.
-    D := Σ_jk C_jk ∂²/∂x_{i_j}∂x_{i_k}: the operator (C = I: the Laplacian Δ).
+    d = n_0: input dimension;  i_1, ..., i_K: the K coordinates of the second derivatives.
+    C: the symmetric K×K coefficient matrix (or one per point, (N, K, K)), given by its diagonal
+       (K,) / (N, K) when diagonal; b: the first-order coefficients over all d coordinates, (d,) or
+       (N, d) ("drift"; none by default).
+    D := Σ_jk C_jk ∂²/∂x_{i_j}∂x_{i_k} + Σ_i b_i ∂/∂x_i  (C = I, b = 0: the Laplacian Δ).
     For every layer l, beside h^(l):
         ∂h^(l)   (K, N, n_l): ∂_k h^(l) := ∂h^(l)/∂x_{i_k}, k = 1, ..., K
         Dh^(l)   (N, n_l)
     Adjoints (gradients of a loss Q of the outputs) carry a bar: z̄ := ∂Q/∂z, ∂z̄ := ∂Q/∂(∂z), ...
 
-Forward phase with derivatives, l = 0, ..., L-1, from h^(0) = x, ∂_k h^(0) = e_{i_k}, Dh^(0) = 0:
+Forward phase with derivatives, l = 0, ..., L-1, from h^(0) = x, ∂_k h^(0) = e_{i_k}, Dh^(0) = b:
     TY1  [z; ∂z; Dz]^(l+1) = [h; ∂h; Dh]^(l) W^(l), and + b^(l) on z only   (one product, (K+2)N rows)
     TY2  h^(l+1) = σ(z^(l+1))
     TY3  ∂h^(l+1) = σ'(z^(l+1)) ⊙ ∂z^(l+1)
     TY4  Dh^(l+1) = σ'(z^(l+1)) ⊙ Dz^(l+1) + σ''(z^(l+1)) ⊙ q^(l+1),  q := Σ_jk C_jk ∂_j z ⊙ ∂_k z
 At l = 0 TY1 is z^(1) = x W^(0) + b^(0), ∂_k z^(1) = row i_k of W^(0) (the same for every point) and
-Dz^(1) = 0. The outputs are u = h^(L), ∂u = ∂h^(L), Du = Dh^(L).
+Dz^(1) = b W^(0) (x is linear: its second derivatives vanish, so only the first-order term of D
+reaches the first layer; it costs no row of its own). The outputs are u = h^(L), ∂u = ∂h^(L),
+Du = Dh^(L).
 
 Backward phase, l = L-1, ..., 0, from the outputs' adjoints h̄^(L), ∂h̄^(L), Dh̄^(L):
     TA1  Dz̄ = σ' ⊙ Dh̄                                                   (through TY4)
@@ -32,9 +34,9 @@ Backward phase, l = L-1, ..., 0, from the outputs' adjoints h̄^(L), ∂h̄^(L),
     TA3  z̄ = σ' ⊙ h̄ + σ'' ⊙ (Σ_k ∂h̄_k ⊙ ∂_k z + Dh̄ ⊙ Dz) + σ''' ⊙ Dh̄ ⊙ q   (TY2-TY4)
     TA4  W̄^(l) = [h; ∂h; Dh]^(l)ᵀ [z̄; ∂z̄; Dz̄]   b̄^(l) = Σ_N z̄            (nn.Linear layout: transposed)
     TA5  [h̄; ∂h̄; Dh̄]^(l) = [z̄; ∂z̄; Dz̄] W^(l)ᵀ
-At l = 0, TA4 reads h^(0) = x and ∂_k h^(0) = e_{i_k}: W̄^(0) = xᵀ z̄ plus Σ_N ∂_k z̄ in row i_k, and
-TA5 is x̄ = z̄ W^(0)ᵀ. σ', σ'', σ''' are the activation's (:mod:`torch_backprop.core.activations`),
-read from h where the math allows, as the δ recursion does.
+At l = 0, TA4 reads h^(0) = x, ∂_k h^(0) = e_{i_k} and Dh^(0) = b: W̄^(0) = xᵀ z̄ + bᵀ Dz̄, plus
+Σ_N ∂_k z̄ in row i_k, and TA5 is x̄ = z̄ W^(0)ᵀ. σ', σ'', σ''' are the activation's
+(:mod:`torch_backprop.core.activations`), read from h where the math allows, as the δ recursion does.
 """
 
 from __future__ import annotations
@@ -48,26 +50,28 @@ from torch import Tensor
 
 from ..core.activations import Activation, zero_second_derivative
 
-__all__ = ["Coefficients", "LayerTape", "taylor_backward", "taylor_forward"]
+__all__ = ["Coefficients", "LayerTape", "quadratic_form", "taylor_backward", "taylor_forward"]
 
 
 # ---------------------------------------------------------------------------------------------
-# The operator's coefficients C, and the quadratic form q = Σ_jk C_jk ∂_j z ⊙ ∂_k z.
+# The operator's coefficients, and the quadratic form q = Σ_jk C_jk ∂_j z ⊙ ∂_k z.
 
 
 class Coefficients(NamedTuple):
-    """C of the operator D = Σ_jk C_jk ∂²/∂x_{i_j}∂x_{i_k}, over the coordinates i_1, ..., i_K.
+    """D = Σ_jk C_jk ∂²/∂x_{i_j}∂x_{i_k} + Σ_i b_i ∂/∂x_i, over the coordinates i_1, ..., i_K.
 
     Attributes:
         coordinates: i_1, ..., i_K, a 1-D int64 tensor on the input's device.
         diagonal: C's diagonal when C is diagonal: (K,) for all points or (N, K) per point; ``None``
-            with ``matrix`` ``None`` too means C = I (the Laplacian over the coordinates).
+            with ``matrix`` ``None`` too means C = I.
         matrix: the symmetric C, (K, K) or (N, K, K) per point, when it is not diagonal.
+        drift: b, (d,) or (N, d); ``None`` for none.
     """
 
     coordinates: Tensor
     diagonal: Tensor | None = None
     matrix: Tensor | None = None
+    drift: Tensor | None = None
 
 
 def quadratic_form(dz: Tensor, c: Coefficients) -> tuple[Tensor, Tensor]:
@@ -82,7 +86,17 @@ def quadratic_form(dz: Tensor, c: Coefficients) -> tuple[Tensor, Tensor]:
         c_dz = weight * dz  # C_kk ∂_k z
     else:
         c_dz = dz  # C = I
-    return (dz * c_dz).sum(0), c_dz
+    return sum_of_products(dz, c_dz), c_dz
+
+
+def sum_of_products(a: Tensor, b: Tensor) -> Tensor:
+    """Σ_k a_k ⊙ b_k over the first dimension (a loop of fused multiply-adds for small K)."""
+    if a.shape[0] > 4:
+        return (a * b).sum(0)
+    total = a[0] * b[0]  # every a_k ⊙ b_k has this shape
+    for k in range(1, a.shape[0]):
+        total.addcmul_(a[k], b[k])
+    return total
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,8 +107,8 @@ class LayerTape(NamedTuple):
     """What layer l's backward reads (TA1-TA5), kept by the forward phase.
 
     Attributes:
-        inputs: [h; ∂h; Dh]^(l) stacked, (K+2, N, n_l); ``None`` at l = 0 (x is kept instead).
-        dz, Dz: ∂z^(l+1) (K, N or 1, n_{l+1}) and Dz^(l+1) (N, n_{l+1}; ``None`` when zero).
+        inputs: [h; ∂h; Dh]^(l) stacked, (K+2, N, n_l); ``None`` at l = 0 (x and b are kept instead).
+        dz, Dz: ∂z^(l+1) (K, N or 1, n_{l+1}) and Dz^(l+1) (N or 1, n_{l+1}; ``None`` when zero).
         sigma_from: the tensor σ', σ'', σ''' are read from (h^(l+1) or z^(l+1)); ``None`` for identity.
         sigma_prime, sigma_second: σ'(z^(l+1)) and σ''(z^(l+1)) (``None`` when zero).
         q, c_dz: q^(l+1) and C ∂z^(l+1) (``None`` when σ'' is zero).
@@ -132,12 +146,11 @@ def taylor_forward(
     inputs = None
     z = F.linear(x, weights[0], biases[0])  # TY1 at l = 0: z^(1) = x W^(0) + b^(0), (N, n_1)
     dz = weights[0].t()[c.coordinates].unsqueeze(1)  # TY1: ∂_k z^(1) = row i_k of W^(0), (K, 1, n_1)
-    Dz = None  # TY1: Dz^(1) = 0
+    Dz = None if c.drift is None else F.linear(c.drift, weights[0])  # TY1: Dz^(1) = b W^(0)
     for k in range(depth):
         act, last = activations[k], k == depth - 1
         width = z.shape[-1]
         out = z.new_empty(count + 2, rows, width) if lean and not last else None  # [h; ∂h; Dh]^(k+1)
-        h_out, dh_out, Dh_out = (out[0], out[1:-1], out[-1]) if out is not None else (None, None, None)
         if act.derivative_from == "none":  # σ = identity: h = z, ∂h = ∂z, Dh = Dz
             h, dh, Dh = z, dz, Dz
             tape.append(LayerTape(inputs, dz, Dz, None, None, None, None, None))
@@ -145,34 +158,38 @@ def taylor_forward(
             h = act.fn(z)  # TY2, (N, n_{k+1})
             sigma_from = h if act.derivative_from == "h" else z
             sigma_prime = act.derivative(sigma_from)
-            dh = torch.mul(sigma_prime, dz, out=dh_out)  # TY3, (K, N, n_{k+1})
-            Dh = None if Dz is None else torch.mul(sigma_prime, Dz, out=Dh_out)  # TY4: σ' ⊙ Dz
+            if out is not None and k > 0:  # TY3 and TY4's σ' ⊙ Dz in one product: [∂z; Dz] are adjacent
+                torch.mul(sigma_prime, stacked[1:], out=out[1:])
+                dh, Dh = out[1:-1], out[-1]
+            else:
+                dh = torch.mul(sigma_prime, dz, out=None if out is None else out[1:-1])  # TY3, (K, N, n)
+                Dh = None if Dz is None else torch.mul(sigma_prime, Dz, out=None if out is None else out[-1])
             sigma_second = q = c_dz = None
             if act.second_derivative is not zero_second_derivative:
                 sigma_second = act.second_derivative(sigma_from)
                 q, c_dz = quadratic_form(dz, c)
                 if Dh is None:
-                    Dh = torch.mul(sigma_second, q, out=Dh_out)  # TY4: σ'' ⊙ q
+                    Dh = torch.mul(sigma_second, q, out=None if out is None else out[-1])  # TY4: σ'' ⊙ q
                 elif lean:
                     Dh.addcmul_(sigma_second, q)  # TY4: + σ'' ⊙ q
                 else:
                     Dh = Dh + sigma_second * q  # TY4: + σ'' ⊙ q
             tape.append(LayerTape(inputs, dz, Dz, sigma_from, sigma_prime, sigma_second, q, c_dz))
         if last:
-            Dh = h.new_zeros(rows, width) if Dh is None else Dh
+            Dh = h.new_zeros(rows, width) if Dh is None else Dh.expand(rows, width)
             return (h, dh.expand(-1, rows, -1), Dh), tape
         if out is None:  # [h; ∂h; Dh]^(k+1)
-            Dh = h.new_zeros(rows, width) if Dh is None else Dh
+            Dh = h.new_zeros(rows, width) if Dh is None else Dh.expand(rows, width)
             inputs = torch.cat([h.unsqueeze(0), dh.expand(-1, rows, -1), Dh.unsqueeze(0)])
         else:
             inputs = out
-            h_out.copy_(h)
+            out[0].copy_(h)
             if act.derivative_from == "none":  # σ = identity: ∂h = ∂z, Dh = Dz are not in the buffer yet
-                dh_out.copy_(dh)
+                out[1:-1].copy_(dh)
                 if Dh is not None:
-                    Dh_out.copy_(Dh)
+                    out[-1].copy_(Dh)
             if Dh is None:
-                Dh_out.zero_()
+                out[-1].zero_()
         weight = weights[k + 1]
         stacked = inputs.view(-1, width).mm(weight.t()).view(count + 2, rows, weight.shape[0])  # TY1
         z, dz, Dz = stacked[0], stacked[1:-1], stacked[-1]
@@ -211,19 +228,16 @@ def taylor_backward(
         act, layer = activations[k], tape[k]
         if layer.sigma_from is not None:  # σ = identity leaves [z̄; ∂z̄; Dz̄] = [h̄; ∂h̄; Dh̄]
             h_bar, dh_bar, Dh_bar = bar[0], bar[1:-1], bar[-1]
-            if layer.sigma_second is not None:
-                a1_bar = (dh_bar * layer.dz).sum(0)  # Σ_k ∂h̄_k ⊙ ∂_k z
+            if layer.sigma_second is not None:  # the σ'' and σ''' terms read Dh̄ and ∂h̄ before TA1-TA3
+                a1_bar = sum_of_products(dh_bar, layer.dz)  # Σ_k ∂h̄_k ⊙ ∂_k z, (N, n_{k+1})
                 if layer.Dz is not None:
                     a1_bar.addcmul_(Dh_bar, layer.Dz)  # + Dh̄ ⊙ Dz
-                third_q = act.third_derivative(layer.sigma_from) * layer.q  # σ''' ⊙ q
+                third_bar = (act.third_derivative(layer.sigma_from) * layer.q).mul_(Dh_bar)  # σ''' ⊙ q ⊙ Dh̄
                 second_bar = layer.sigma_second * Dh_bar  # σ'' ⊙ Dh̄
-                h_bar.mul_(layer.sigma_prime).addcmul_(layer.sigma_second, a1_bar)  # TA3: σ' h̄ + σ'' (...)
-                h_bar.addcmul_(third_q, Dh_bar)  # TA3: + σ''' ⊙ q ⊙ Dh̄
-                dh_bar.mul_(layer.sigma_prime).addcmul_(second_bar, layer.c_dz, value=2)  # TA2
-            else:
-                h_bar.mul_(layer.sigma_prime)  # TA3: σ' ⊙ h̄
-                dh_bar.mul_(layer.sigma_prime)  # TA2: σ' ⊙ ∂h̄
-            Dh_bar.mul_(layer.sigma_prime)  # TA1
+            bar.mul_(layer.sigma_prime)  # TA1-TA3: σ' ⊙ [h̄; ∂h̄; Dh̄]
+            if layer.sigma_second is not None:
+                h_bar.addcmul_(layer.sigma_second, a1_bar).add_(third_bar)  # TA3
+                dh_bar.addcmul_(second_bar, layer.c_dz, value=2)  # TA2
         z_bar = bar[0]  # bar is now [z̄; ∂z̄; Dz̄], (K+2, N, n_{k+1})
         grad_biases[k] = z_bar.sum(0)  # TA4
         if k > 0:
@@ -231,7 +245,10 @@ def taylor_backward(
             grad_weights[k] = flat.t().mm(layer.inputs.view(-1, layer.inputs.shape[-1]))  # TA4
             bar = flat.mm(weights[k]).view(*bar.shape[:2], weights[k].shape[1])  # TA5
         else:
-            grad = z_bar.t().mm(x)  # TA4 at l = 0: xᵀ z̄, then Σ_N ∂_k z̄ in row i_k
+            grad = z_bar.t().mm(x)  # TA4 at l = 0: xᵀ z̄ (+ bᵀ Dz̄), then Σ_N ∂_k z̄ in row i_k
+            if c.drift is not None:
+                Dz_bar = bar[-1]
+                grad += Dz_bar.t().mm(c.drift) if c.drift.dim() == 2 else torch.outer(Dz_bar.sum(0), c.drift)
             grad_weights[0] = grad.index_add_(1, c.coordinates, bar[1:-1].sum(1).t())
     grad_x = z_bar.mm(weights[0]) if needs_x else None  # TA5 at l = 0
     return grad_x, grad_weights, grad_biases
