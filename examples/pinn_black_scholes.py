@@ -7,11 +7,18 @@ holds the PDE residual at random collocation points, and the terminal and bounda
     u(T, S) = max(S - K, 0),  u(t, 0) = 0,  u(t, S_max) = S_max - K e^{-r (T - t)},
     loss = mean R² + 10 mean (terminal error)² + mean (boundary errors)²,
 
-with the terminal condition, which carries the contract, weighted 10. Each step takes first and
-second derivatives of the network in its input inside the loss, then a backward through them to
-the parameters. u_SS comes either from a second backward (double backward)
-or from forward mode over the first backward (forward-over-reverse: ``torch.func.jvp`` of the input
-gradient along e_S); both are timed. The learned surface is compared with the closed-form price
+with the terminal condition, which carries the contract, weighted 10. Each step needs R, so first and
+second derivatives of the network in its input inside the loss, then a backward through them to the
+parameters. Three ways to R are timed:
+
+* one forward pass (``torch_backprop.pde.input_derivatives``, the default for BackpropMLP): R is
+  (D - r) u for the linear operator D = ∂_t + r S ∂_S + ½ σ² S² ∂²_S, whose first-order part costs
+  nothing extra, so only ∂/∂S is carried up the stack beside u (TY1-TY4), and the backward is the
+  adjoint recursion TA1-TA5;
+* double backward: u_t and u_S by a backward (``create_graph=True``), u_SS by a second one;
+* forward over reverse: u_SS as ``torch.func.jvp`` of the input gradient along e_S.
+
+The native twin can only take the last two. The learned surface is compared with the closed-form price
 
     C = S Φ(d1) - K e^{-r τ} Φ(d2),  d1 = (ln(S/K) + (r + σ²/2) τ) / (σ √τ),  d2 = d1 - σ √τ,  τ = T - t,
 
@@ -34,7 +41,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import jvp, vjp
 
-from torch_backprop import BackpropMLP
+from torch_backprop import BackpropMLP, input_derivatives
 
 
 @dataclass(frozen=True)
@@ -65,9 +72,12 @@ class Pricer(nn.Module):
         super().__init__()
         self.net, self.contract = net, contract
 
+    def scale(self, points: Tensor) -> Tensor:
+        """The factors of x = points * scale - 1: ∂x/∂t and ∂x/∂S."""
+        return points.new_tensor([2 / self.contract.maturity, 2 / self.contract.spot_max])
+
     def forward(self, points: Tensor) -> Tensor:
-        scale = points.new_tensor([2 / self.contract.maturity, 2 / self.contract.spot_max])
-        return self.net(points * scale - 1).squeeze(-1)
+        return self.net(points * self.scale(points) - 1).squeeze(-1)
 
 
 def derivatives_double_backward(u: nn.Module, points: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -98,6 +108,40 @@ DERIVATIVES: dict[str, Callable[[nn.Module, Tensor], tuple[Tensor, Tensor, Tenso
 }
 
 
+def residual_from_derivatives(derivatives: Callable) -> Callable[[Pricer, Tensor], Tensor]:
+    """R = u_t + ½ σ² S² u_SS + r S u_S - r u at interior points, from (u, u_t, u_S, u_SS)."""
+
+    def residual(u: Pricer, points: Tensor) -> Tensor:
+        c = u.contract
+        value, u_t, u_s, u_ss = derivatives(u, points)
+        spot = points[:, 1]
+        return u_t + 0.5 * c.volatility**2 * spot**2 * u_ss + c.rate * spot * u_s - c.rate * value
+
+    return residual
+
+
+def residual_one_pass(u: Pricer, points: Tensor) -> Tensor:
+    """R = (D - r) u in one forward pass of the BackpropMLP, D = ∂_t + r S ∂_S + ½ σ² S² ∂²_S.
+
+    The network sees x = points * scale - 1, so in x: D = scale_t ∂_{x_0} + r S scale_S ∂_{x_1}
+    + ½ σ² S² scale_S² ∂²_{x_1}: second derivatives in x_1 alone, and a first-order term b.
+    """
+    c = u.contract
+    scale, spot = u.scale(points), points[:, 1]
+    drift = torch.stack([scale[0].expand_as(spot), c.rate * scale[1] * spot], 1)  # b, (N, 2)
+    diffusion = (0.5 * c.volatility**2 * scale[1] ** 2) * spot.square()  # C_SS, (N,)
+    value, _, operator = input_derivatives(
+        u.net, points * scale - 1, [1], diagonal=diffusion.unsqueeze(1), drift=drift
+    )
+    return operator[:, 0] - c.rate * value[:, 0]
+
+
+RESIDUALS: dict[str, Callable[[Pricer, Tensor], Tensor]] = {
+    "one forward pass": residual_one_pass,
+    **{name: residual_from_derivatives(derivatives) for name, derivatives in DERIVATIVES.items()},
+}
+
+
 @dataclass(frozen=True)
 class Points:
     """One step's collocation points: interior (N, 2), terminal (M, 2), S = 0 and S = S_max (M, 2)."""
@@ -120,16 +164,13 @@ def sample_points(c: Contract, count: int, generator: torch.Generator, dtype: to
     return Points(interior, terminal, low, high)
 
 
-def pde_loss(u: Pricer, points: Points, derivatives: Callable) -> Tensor:
+def pde_loss(u: Pricer, points: Points, residual: Callable[[Pricer, Tensor], Tensor]) -> Tensor:
     """The loss: mean R² over the interior plus the terminal (weight 10) and boundary squared errors."""
     c = u.contract
-    value, u_t, u_s, u_ss = derivatives(u, points.interior)
-    spot = points.interior[:, 1]
-    residual = u_t + 0.5 * c.volatility**2 * spot**2 * u_ss + c.rate * spot * u_s - c.rate * value
     payoff = (points.terminal[:, 1] - c.strike).clamp_min(0)
     far = c.spot_max - c.strike * torch.exp(-c.rate * (c.maturity - points.high[:, 0]))
     return (
-        residual.square().mean()
+        residual(u, points.interior).square().mean()
         + 10 * (u(points.terminal) - payoff).square().mean()
         + u(points.low).square().mean()
         + (u(points.high) - far).square().mean()
@@ -164,7 +205,7 @@ def price_errors(u: Pricer, grid_size: int = 41) -> dict[str, float]:
 
 
 def train(
-    u: Pricer, steps: int, points: int, lr: float, seed: int, derivatives: Callable, log_every: int = 0
+    u: Pricer, steps: int, points: int, lr: float, seed: int, residual: Callable, log_every: int = 0
 ) -> list[float]:
     """Adam with a cosine schedule on fresh collocation points each step (drawn from ``seed``)."""
     generator = torch.Generator().manual_seed(seed)
@@ -175,7 +216,7 @@ def train(
     for step in range(steps):
         batch = sample_points(u.contract, points, generator, dtype)
         optimizer.zero_grad()
-        loss = pde_loss(u, batch, derivatives)
+        loss = pde_loss(u, batch, residual)
         loss.backward()
         optimizer.step()
         schedule.step()
@@ -185,12 +226,12 @@ def train(
     return losses
 
 
-def time_step(u: Pricer, points: Points, derivatives: Callable, repeats: int) -> float:
+def time_step(u: Pricer, points: Points, residual: Callable, repeats: int) -> float:
     """Median seconds of one step's forward, input derivatives, loss and backward."""
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        pde_loss(u, points, derivatives).backward()
+        pde_loss(u, points, residual).backward()
         times.append(time.perf_counter() - start)
     u.zero_grad()
     return sorted(times)[len(times) // 2]
@@ -204,7 +245,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--activation", default="tanh")
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--derivatives", choices=list(DERIVATIVES), default="double backward")
+    parser.add_argument(
+        "--derivatives",
+        choices=list(RESIDUALS),
+        default="one forward pass",
+        help="how BackpropMLP gets R (the twin uses double backward where this is 'one forward pass')",
+    )
     parser.add_argument("--float64", action="store_true", help="train in float64 (default float32)")
     parser.add_argument("--repeats", type=int, default=20, help="timed steps per way to u_SS")
     args = parser.parse_args(argv)
@@ -214,20 +260,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     reference = copy.deepcopy(ours)  # untrained, for timing the two ways to u_SS
 
     batch = sample_points(contract, args.points, torch.Generator().manual_seed(args.seed), dtype)
-    print(f"one step (forward, u_t, u_S, u_SS, loss, backward), median of {args.repeats}:")
-    for name, derivatives in DERIVATIVES.items():
-        ms = {
-            label: 1e3 * time_step(u, batch, derivatives, args.repeats)
-            for label, u in [("ours", reference), ("twin", twin)]
-        }
-        print(f"  {name:21s} BackpropMLP {ms['ours']:7.2f} ms   twin {ms['twin']:7.2f} ms")
+    print(f"one step (forward, R, loss, backward), median of {args.repeats}:")
+    for name, residual in RESIDUALS.items():
+        ours_ms = 1e3 * time_step(reference, batch, residual, args.repeats)
+        twin_ms = "    n/a"  # the one-forward-pass operator needs a BackpropMLP
+        if name != "one forward pass":
+            twin_ms = f"{1e3 * time_step(twin, batch, residual, args.repeats):7.2f}"
+        print(f"  {name:21s} BackpropMLP {ours_ms:7.2f} ms   twin {twin_ms} ms")
 
-    derivatives = DERIVATIVES[args.derivatives]
-    log_every = max(args.steps // 6, 1)
-    print(f"BackpropMLP, u_SS by {args.derivatives}:")
-    ours_losses = train(ours, args.steps, args.points, args.lr, args.seed, derivatives, log_every)
-    print("native twin, same initial parameters and points:")
-    twin_losses = train(twin, args.steps, args.points, args.lr, args.seed, derivatives, log_every)
+    twin_way = "double backward" if args.derivatives == "one forward pass" else args.derivatives
+    options = {"steps": args.steps, "points": args.points, "lr": args.lr, "seed": args.seed}
+    options["log_every"] = max(args.steps // 6, 1)
+    print(f"BackpropMLP, R by {args.derivatives}:")
+    ours_losses = train(ours, residual=RESIDUALS[args.derivatives], **options)
+    print(f"native twin, same initial parameters and points, R by {twin_way}:")
+    twin_losses = train(twin, residual=RESIDUALS[twin_way], **options)
     for label, u, losses in [("BackpropMLP", ours, ours_losses), ("native twin", twin, twin_losses)]:
         e = price_errors(u)
         print(

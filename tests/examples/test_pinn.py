@@ -1,4 +1,4 @@
-"""examples/pinn_black_scholes.py: its PDE loss, its input derivatives (both ways) against the twin."""
+"""examples/pinn_black_scholes.py: its PDE loss and its residual (all three ways) against the twin."""
 
 from __future__ import annotations
 
@@ -54,17 +54,21 @@ def test_closed_form_price_and_the_exact_solutions_derivatives(example):
         assert residual.abs().max() < 1e-8
 
 
-@pytest.mark.parametrize("name", ["double backward", "forward over reverse"])
-def test_derivatives_and_loss_gradients_match_the_twin(example, name):
+@pytest.mark.parametrize("name", ["one forward pass", "double backward", "forward over reverse"])
+def test_residual_and_loss_gradients_match_the_twin(example, name):
     c = example.Contract()
     ours, twin = example.make_pricers(c, [6, 5], "tanh", torch.float64, seed=1)
     points = example.sample_points(c, 32, torch.Generator().manual_seed(2), torch.float64)
-    derivatives = example.DERIVATIVES[name]
-    reference = example.derivatives_double_backward(twin, points.interior)
-    for k, (a, b) in enumerate(zip(derivatives(ours, points.interior), reference, strict=True)):
-        assert_close(a, b, F64, f"{name}: (u, u_t, u_S, u_SS)[{k}]")
-    loss = example.pde_loss(ours, points, derivatives)
-    ref_loss = example.pde_loss(twin, points, example.derivatives_double_backward)
+    reference = example.RESIDUALS["double backward"]
+    if name != "one forward pass":
+        derivatives = example.DERIVATIVES[name]
+        expected = example.derivatives_double_backward(twin, points.interior)
+        for k, (a, b) in enumerate(zip(derivatives(ours, points.interior), expected, strict=True)):
+            assert_close(a, b, F64, f"{name}: (u, u_t, u_S, u_SS)[{k}]")
+    residual = example.RESIDUALS[name]
+    assert_close(residual(ours, points.interior), reference(twin, points.interior), F64, "R")
+    loss = example.pde_loss(ours, points, residual)
+    ref_loss = example.pde_loss(twin, points, reference)
     assert_close(loss, ref_loss, F64, "loss")
     grads = torch.autograd.grad(loss, list(ours.parameters()))
     ref_grads = torch.autograd.grad(ref_loss, list(twin.parameters()))
@@ -76,10 +80,11 @@ def test_a_few_training_steps_match_the_twin_and_main_runs(example, capsys):
     c = example.Contract()
     ours, twin = example.make_pricers(c, [8, 8], "tanh", torch.float64, seed=0)
     kwargs = {"steps": 3, "points": 32, "lr": 1e-2, "seed": 0}
-    losses = example.train(ours, derivatives=example.derivatives_forward_over_reverse, **kwargs)
-    ref = example.train(twin, derivatives=example.derivatives_double_backward, **kwargs)
+    losses = example.train(ours, residual=example.RESIDUALS["one forward pass"], **kwargs)
+    ref = example.train(twin, residual=example.RESIDUALS["double backward"], **kwargs)
     assert_close(torch.tensor(losses), torch.tensor(ref), (1e-10, 1e-12), "losses")
     assert losses[-1] < losses[0]
     assert example.main(["--steps", "2", "--points", "16", "--hidden", "8", "--repeats", "2"]) == 0
     out = capsys.readouterr().out
     assert "price error against Black-Scholes" in out and "forward over reverse" in out
+    assert "R by one forward pass" in out
