@@ -237,7 +237,8 @@ def _coefficients(
     if tuple(drift.shape) == (*leading, dim):
         return second._replace(drift=drift.reshape(rows, dim))
     raise ValueError(
-        f"{caller} expects drift of shape ({dim},) or {(*leading, dim)} (one per point), got {tuple(drift.shape)}"
+        f"{caller} expects drift of shape ({dim},) or {(*leading, dim)} (one per point), "
+        f"got {tuple(drift.shape)}"
     )
 
 

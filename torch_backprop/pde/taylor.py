@@ -147,6 +147,7 @@ def taylor_forward(
     z = F.linear(x, weights[0], biases[0])  # TY1 at l = 0: z^(1) = x W^(0) + b^(0), (N, n_1)
     dz = weights[0].t()[c.coordinates].unsqueeze(1)  # TY1: ∂_k z^(1) = row i_k of W^(0), (K, 1, n_1)
     Dz = None if c.drift is None else F.linear(c.drift, weights[0])  # TY1: Dz^(1) = b W^(0)
+    stacked = None  # [z; ∂z; Dz]^(k+1) as one tensor, from the second layer on
     for k in range(depth):
         act, last = activations[k], k == depth - 1
         width = z.shape[-1]
@@ -158,7 +159,7 @@ def taylor_forward(
             h = act.fn(z)  # TY2, (N, n_{k+1})
             sigma_from = h if act.derivative_from == "h" else z
             sigma_prime = act.derivative(sigma_from)
-            if out is not None and k > 0:  # TY3 and TY4's σ' ⊙ Dz in one product: [∂z; Dz] are adjacent
+            if out is not None and stacked is not None:  # TY3 and TY4's σ' ⊙ Dz in one product
                 torch.mul(sigma_prime, stacked[1:], out=out[1:])
                 dh, Dh = out[1:-1], out[-1]
             else:

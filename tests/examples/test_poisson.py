@@ -1,0 +1,48 @@
+"""examples/poisson.py: its manufactured solution, its loss against the twin, and a short run."""
+
+from __future__ import annotations
+
+import torch
+from _train_helpers import load_example
+from conftest import GRAD_TOLERANCE, assert_close
+from torch.func import hessian, vmap
+
+F64 = GRAD_TOLERANCE[torch.float64]
+
+
+def test_the_source_is_minus_the_laplacian_of_the_exact_solution():
+    example = load_example("poisson")
+    x = torch.rand(6, 4, dtype=torch.float64)
+    hessians = vmap(hessian(example.exact))(x)
+    assert_close(example.source(x), -hessians.diagonal(dim1=-2, dim2=-1).sum(-1), (1e-12, 1e-12), "f")
+    _, boundary = example.sample_points(4, 32, torch.Generator().manual_seed(0), torch.float64)
+    on_a_face = ((boundary == 0) | (boundary == 1)).any(1)
+    assert bool(on_a_face.all())
+
+
+def test_the_loss_and_its_gradients_equal_the_twins_by_torch_func():
+    example = load_example("poisson")
+    model = example.BackpropMLP([3, 8, 8, 1], "tanh", dtype=torch.float64)
+    twin = model.to_sequential()
+    interior, boundary = example.sample_points(3, 16, torch.Generator().manual_seed(1), torch.float64)
+    loss = example.poisson_loss(model, interior, boundary)
+    lap = vmap(hessian(lambda p: twin(p)[0]))(interior).diagonal(dim1=-2, dim2=-1).sum(-1)
+    residual = (lap + example.source(interior)) / torch.pi**2
+    ref = residual.square().mean() + (twin(boundary)[:, 0] - example.exact(boundary)).square().mean()
+    assert_close(loss, ref, F64, "loss")
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    ref_grads = torch.autograd.grad(ref, list(twin.parameters()))
+    for (name, _), g, r in zip(model.named_parameters(), grads, ref_grads, strict=True):
+        assert_close(g, r, F64, name)
+
+
+def test_a_short_run_learns_and_prints_its_error(capsys):
+    example = load_example("poisson")
+    torch.manual_seed(0)
+    model = example.BackpropMLP([2, 16, 16, 1], "tanh")
+    before = example.relative_error(model, 2)
+    losses = example.train(model, 2, steps=150, points=64, lr=1e-2, seed=0)
+    assert losses[-1] < losses[0] and example.relative_error(model, 2) < before
+    assert example.main(["--dim", "3", "--steps", "2", "--points", "8", "--hidden", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "relative L2 error" in out and "torch.func.hessian" in out
