@@ -20,6 +20,7 @@ from .core.function import MLPFunction
 from .core.module import BackpropMLP
 from .firstorder.clipping import AdaptiveClipping
 from .firstorder.dp_sgd import dp_sgd_step
+from .firstorder.noise import GaussianNoise
 from .firstorder.per_sample import per_sample
 from .secondorder.curvature import curvature
 from .secondorder.products import ggn_vector_product
@@ -28,6 +29,7 @@ __all__ = [
     "Activation",
     "AdaptiveClipping",
     "BackpropMLP",
+    "GaussianNoise",
     "MLPFunction",
     "activations",
     "available_activations",
