@@ -63,10 +63,12 @@ def secure_standard_normal(count: int) -> Tensor:
     """``count`` N(0, 1) variates in float64 from ``os.urandom``: NZ2-NZ4."""
     pairs = (count + 1) // 2
     u = secure_uniform(8 * pairs).view(4, 2, pairs)  # four Box–Muller pairs per two variates
-    radius = (-2.0 * u[:, 0].log()).sqrt_()  # NZ3
-    angle = u[:, 1] * (2 * math.pi)
-    normals = torch.cat([radius * angle.cos(), radius * angle.sin()], dim=1)  # (4, 2 pairs)
-    return normals.sum(0)[:count].mul_(0.5)  # NZ4
+    radius = u[:, 0].log_().mul_(-2.0).sqrt_()  # NZ3
+    angle = u[:, 1].mul_(2 * math.pi)
+    xi = torch.empty(2 * pairs, dtype=torch.float64)
+    torch.sum(radius * angle.cos(), 0, out=xi[:pairs])  # n₁ + n₂ + n₃ + n₄, from the cosines
+    torch.sum(radius.mul_(angle.sin_()), 0, out=xi[pairs:])  # and from the sines
+    return xi[:count].mul_(0.5)  # NZ4
 
 
 class GaussianNoise:
