@@ -317,7 +317,7 @@ def _noise_multiplier(args: argparse.Namespace, sample_rate: float, steps_per_ep
                 )
             )
     except (ValueError, RuntimeError, OverflowError) as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        reason = str(error).splitlines()[0].rstrip(".") if str(error) else type(error).__name__
         raise ConfigError(
             f"--target-epsilon {args.target_epsilon:g} cannot be reached in {args.epochs} epoch(s) "
             f"({steps} steps at sample rate {sample_rate:.4g}, δ = {args.delta:g}, {args.accountant} "
