@@ -194,3 +194,28 @@ def test_the_step_noise_has_mean_zero_and_the_styles_variance(style):
         z.append(step * EXPECTED_BATCH / std)
     noise.close()
     assert_standard_normal(torch.cat(z), f"{style} step noise / (σΔ/B)")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("secure", [False, True], ids=["seeded", "secure"])
+def test_noise_on_cuda_parameters_is_drawn_there_and_steps(secure):
+    model = BackpropMLP([40, 300, 10], device="cuda")
+    params = list(model.parameters())
+    noise = GaussianNoise(params, secure=True) if secure else GaussianNoise(params, seed=3)
+    assert not noise.prefetch  # the device queues the draw anyway
+    draw = noise.draw()
+    assert all(t.device.type == "cuda" and t.shape == p.shape for t, p in zip(draw, params, strict=True))
+    assert_standard_normal(flat(draw).cpu(), f"cuda, secure={secure}")
+    if not secure:
+        again = GaussianNoise(params, seed=3).draw()
+        assert all(torch.equal(a, b) for a, b in zip(draw, again, strict=True))
+    optimizer = torch.optim.SGD(params, lr=1.0)
+    with per_sample(model, loss_reduction="sum", max_grad_norm=1.0):
+        F.cross_entropy(
+            model(torch.randn(4, 40, device="cuda")),
+            torch.zeros(4, dtype=torch.long, device="cuda"),
+            reduction="sum",
+        ).backward()
+    dp_sgd_step(model, optimizer, 1.0, 1.0, 4, noise, loss_reduction="mean")
+    assert all(torch.isfinite(p).all() for p in params)
