@@ -263,6 +263,9 @@ def noise_draws(model: BackpropMLP, threads: int, rounds: int) -> list[dict]:
         "randn per parameter, global generator": lambda: [torch.randn(p.shape) for p in params],
         "one flat randn": lambda: torch.randn(sum(sizes), generator=generator).split(sizes),
         "normal_ into a preallocated buffer": lambda: torch.empty(sum(sizes)).normal_(generator=generator),
+        "uniform_ into a preallocated buffer (the generator's uniforms alone)": lambda: torch.empty(
+            sum(sizes)
+        ).uniform_(generator=generator),
         "GaussianNoise.draw, one thread (6 chunks)": in_step.draw,
         "GaussianNoise.draw, 2 workers": two.draw,
         "secure: os.urandom, Box-Muller, 4-sum (float64)": lambda: secure_standard_normal(sum(sizes)),
