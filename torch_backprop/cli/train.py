@@ -552,7 +552,8 @@ def _fit(args: argparse.Namespace, group: ProcessGroup, saved: dict[str, Any] | 
         history.append(_epoch_row(trainees, sums, samples, seconds, epoch, test_set, args, group))
         extra = dp.end_epoch(history[-1], trainees, group.print) if dp is not None else None
         if writes:
-            run_folder.write_epoch(args.out, trainees, history, config, epoch + 1, group.device, extra)
+            more = {"extra": extra} if extra is not None else {}  # the DP state, for --resume
+            run_folder.write_epoch(args.out, trainees, history, config, epoch + 1, group.device, **more)
 
     if writes:
         group.print(run_folder.write_curves(args.out, history, [t.name for t in trainees]))
