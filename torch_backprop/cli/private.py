@@ -11,7 +11,8 @@ The options (:func:`add_arguments`) keep Opacus's names and meanings (``target_e
   generator seeded with ``--seed`` (or ``os.urandom`` with ``--secure-mode``). Under ``torchrun``
   every process draws the same global batch and takes its share of it.
 * **The step.** ``--backend manual``: clipping inside the one backward
-  (:func:`~torch_backprop.per_sample`) and :func:`~torch_backprop.dp_sgd_step` with a
+  (:func:`~torch_backprop.per_sample` with :meth:`PrivateTraining.clipping`, in ``train``'s loop)
+  and :func:`~torch_backprop.dp_sgd_step` with a
   :class:`~torch_backprop.GaussianNoise`, which sums the clipped sums of all processes and draws
   the noise once, so N processes take the step of one. ``--backend autograd``: the native twin
   through Opacus itself (``GradSampleModule`` and ``DPOptimizer``, ``DPPerLayerOptimizer`` or
@@ -37,13 +38,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils.data import TensorDataset
 
 from ..firstorder.clipping import STYLES, AdaptiveClipping
 from ..firstorder.dp_sgd import dp_sgd_step
 from ..firstorder.noise import GaussianNoise, secure_uniform
-from ..firstorder.per_sample import per_sample
 from .data import DATASETS
 from .options import ConfigError, number
 
@@ -363,6 +363,7 @@ class _Batches:
         features, labels = self.dataset.tensors
         for _ in range(len(self)):
             index = self.owner.sample(len(labels))
+            self.owner.account()  # one step of the subsampled Gaussian mechanism per batch drawn
             yield features[index], labels[index]
 
 
@@ -486,38 +487,38 @@ class PrivateTraining:
         index = chosen.nonzero().squeeze(1)
         return torch.tensor_split(index, self.world_size)[self.rank] if self.world_size > 1 else index
 
-    def step(self, trainee: Any, x: Tensor, y: Tensor) -> Tensor:
-        """One DP-SGD step of ``trainee`` on its share (x, y); returns the summed loss (detached)."""
-        optimizer = trainee.optimizer
-        optimizer.zero_grad(set_to_none=True)
-        if trainee.name == "autograd":
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="Full backward hook is firing")  # harmless
-                loss = F.cross_entropy(trainee.wrapped(x), y, reduction="sum")
-                loss.backward()
-            optimizer.step()  # Opacus: clip, noise, average by the expected batch, step
-            return loss.detach()
-        model: nn.Module = trainee.model
-        threshold = self._threshold()
-        style = {"clipping": self.args.clipping, "clipping_fn": self.args.clipping_fn}
-        if self.args.clipping == "group-wise":
-            style["groups"] = self.args.groups
-        with per_sample(model, loss_reduction="sum", max_grad_norm=threshold, **style):
-            loss = F.cross_entropy(model(x), y, reduction="sum")
+    def opacus_step(self, trainee: Any, x: Tensor, y: Tensor) -> Tensor:
+        """One DP-SGD step of the twin through Opacus on its share (x, y); the summed loss (detached)."""
+        trainee.optimizer.zero_grad(set_to_none=True)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")  # harmless
+            loss = F.cross_entropy(trainee.wrapped(x), y, reduction="sum")
             loss.backward()
-        dp_sgd_step(
-            model,
-            optimizer,
-            self.noise_multiplier,
-            threshold,
-            self.expected_batch_size,
-            self.noise["manual"],
-            loss_reduction="mean",
-        )
+        trainee.optimizer.step()  # Opacus: clip, noise, average by the expected batch, step
         return loss.detach()
 
+    def clipping(self) -> dict[str, Any]:
+        """The ``per_sample`` options of the manual step's clipped backward (``loss_reduction="sum"``)."""
+        style = {"max_grad_norm": self._threshold(), "clipping": self.args.clipping}
+        style["clipping_fn"] = self.args.clipping_fn
+        if self.args.clipping == "group-wise":
+            style["groups"] = self.args.groups
+        return style
+
+    def noise_and_step(self, trainee: Any) -> None:
+        """After the manual clipped backward: ``dp_sgd_step`` adds the noise once, averages, steps."""
+        dp_sgd_step(
+            trainee.model,
+            trainee.optimizer,
+            self.noise_multiplier,
+            self._threshold(),
+            self.expected_batch_size,
+            self.noise["manual"],
+            loss_reduction="mean",  # (S + N(0, (σΔ)²)) / expected batch, as Opacus's "mean"
+        )
+
     def account(self) -> None:
-        """One step of the accountant (call once per step, after every trainee stepped)."""
+        """One step of the accountant (each batch :meth:`batches` hands out is one)."""
         self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
 
     def epsilon(self) -> float:

@@ -42,6 +42,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from ..core.activations import available_activations
 from ..core.module import BackpropMLP
+from ..firstorder.per_sample import per_sample
 from . import private, run_folder
 from .data import DATASETS, DataError, default_data_root, expected_files, load_dataset
 from .options import ConfigError, number, positive_ints, select_device
@@ -398,10 +399,7 @@ def _train_epoch(
     group: ProcessGroup,
     dp: private.PrivateTraining | None = None,
 ) -> tuple[list[float], float]:
-    """One pass over ``loader`` for every trainee: (summed train loss per trainee, samples), all ranks.
-
-    With ``dp``, ``loader`` is its Poisson batches and each step is its DP-SGD step.
-    """
+    """One pass over ``loader`` (``dp``: its Poisson batches) per trainee: (summed losses, samples)."""
     for trainee in trainees:
         trainee.model.train()
         trainee.set_learning_rate(learning_rate(args, epoch))
@@ -413,7 +411,7 @@ def _train_epoch(
         x, y = x.to(group.device, non_blocking=True), y.to(group.device, non_blocking=True)
         for trainee in trainees:
             if dp is not None:
-                sums[trainee.name] += dp.step(trainee, x, y)
+                sums[trainee.name] += _dp_step(trainee, x, y, dp)
                 continue
             trainee.optimizer.zero_grad(set_to_none=True)
             with _autocast(args, group.device):
@@ -423,8 +421,6 @@ def _train_epoch(
             trainee.scaler.step(trainee.optimizer)
             trainee.scaler.update()
             sums[trainee.name] += loss.detach() * len(y)  # no .item(): no device sync per step
-        if dp is not None:
-            dp.account()
         seen += len(y)
         if not bar.disable and step % 10 == 0:
             rate = seen * group.world_size / (time.perf_counter() - started)
@@ -433,6 +429,18 @@ def _train_epoch(
     bar.close()
     totals = group.all_sum([*(s.item() for s in sums.values()), float(seen)])
     return totals[:-1], totals[-1]
+
+
+def _dp_step(trainee: Trainee, x: Tensor, y: Tensor, dp: private.PrivateTraining) -> Tensor:
+    """One DP-SGD step: clipping inside the one backward, then the noise (the twin: through Opacus)."""
+    if trainee.name == "autograd":
+        return dp.opacus_step(trainee, x, y)
+    trainee.optimizer.zero_grad(set_to_none=True)
+    with per_sample(trainee.model, loss_reduction="sum", **dp.clipping()):
+        loss = F.cross_entropy(trainee.model(x), y, reduction="sum")
+        loss.backward()
+    dp.noise_and_step(trainee)
+    return loss.detach()
 
 
 def _epoch_row(
