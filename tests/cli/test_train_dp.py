@@ -112,6 +112,22 @@ def test_a_killed_and_resumed_run_spends_the_same_epsilon_and_ends_the_same(
     assert [r[backend] for r in first] == [r[backend] for r in second]
 
 
+def test_secure_mode_draws_unseeded_noise_and_resumes_its_epsilon(tmp_path):
+    # os.urandom: two runs with the same --seed differ (a seeded run repeats itself, see above), and a
+    # resumed secure run continues the accountant.
+    options = [*FAKE, "--dp", "--noise-multiplier", "1", "--secure-mode", "--accountant", "rdp"]
+    for name in ("a", "b"):
+        assert main([*options, "--epochs", "1", "--out", str(tmp_path / name)]) == 0
+    a, b = (torch.load(tmp_path / name / "model.pt", weights_only=True) for name in ("a", "b"))
+    assert not torch.equal(a["layers.0.weight"], b["layers.0.weight"])
+    assert main([*options, "--epochs", "2", "--resume", str(tmp_path / "a")]) == 0
+    rows = metrics(tmp_path / "a")["epochs"]
+    assert [r["privacy"]["steps"] for r in rows] == [3, 6]
+    assert rows[1]["privacy"]["epsilon"] == pytest.approx(
+        opacus_epsilon("rdp", 1.0, 1 / 3, 6, 1e-2), rel=1e-9
+    )
+
+
 def test_resume_with_a_target_epsilon_and_more_epochs_is_refused(tmp_path, capsys):
     out = tmp_path / "run"
     options = [*FAKE, "--dp", "--target-epsilon", "5", "--accountant", "rdp"]

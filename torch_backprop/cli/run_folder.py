@@ -2,7 +2,8 @@
 
 After every epoch rank 0 writes, each atomically (:mod:`torch_backprop.cli.files`), ``checkpoint.pt``
 (every backend's model, optimiser and scaler state, the RNG state, the history and the
-run's options), then ``model.pt`` (a ``BackpropMLP`` state_dict, whichever backend trained it) and
+run's options; for ``--dp`` also the accountant's history and the sampler's and noise's generator
+states), then ``model.pt`` (a ``BackpropMLP`` state_dict, whichever backend trained it) and
 ``metrics.json`` (the options and every epoch's figures); at the end ``curves.png``. A crash
 between two epochs leaves the previous epoch's files, from which ``--resume`` continues exactly.
 
