@@ -259,3 +259,7 @@ def test_two_processes_take_the_one_process_dp_steps(tmp_path):
     assert metrics(tmp_path / "two")["config"]["world_size"] == 2
     epsilons = [[r["privacy"]["epsilon"] for r in metrics(tmp_path / k)["epochs"]] for k in ("one", "two")]
     assert epsilons[0] == epsilons[1] and all(math.isfinite(e) for e in epsilons[0])
+
+
+def test_every_dp_option_must_be_repeated_on_resume():
+    assert {"dp", *private._DP_OPTIONS} <= set(run_folder.RESUME_KEYS)

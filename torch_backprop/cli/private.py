@@ -52,12 +52,12 @@ __all__ = ["PrivateTraining", "add_arguments", "check_resume", "default_delta", 
 ACCOUNTANTS = ("prv", "rdp", "gdp")
 OPACUS_STYLES = ("flat", "per_layer", "adaptive")  # what the twin can run through Opacus
 INSTALL = "pip install 'torch-backprop[dp]'"
-# The DP options besides --dp: given without --dp they are refused. (name, default)
+# The DP options besides --dp (all default to None): given without --dp, they are refused.
+# run_folder.RESUME_KEYS names them too: a --resume must repeat them.
 _DP_OPTIONS = (
     "target_epsilon", "noise_multiplier", "delta", "max_grad_norm", "clipping", "clipping_fn", "groups",
     "accountant", "secure_mode", "target_unclipped_quantile", "clipbound_learning_rate", "unclipped_num_std",
 )  # fmt: skip
-RESUME_KEYS = ("dp", *_DP_OPTIONS)
 
 
 def _thresholds(text: str) -> list[float]:
