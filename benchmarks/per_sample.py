@@ -17,22 +17,31 @@ Rows:
     Opacus ghost            ``GradSampleModuleFastGradientClipping`` (ghost clipping, two backwards)
     torch.func vmap(grad)   per-sample gradients by ``vmap(grad(...))``, then norms, clip, sum
 
+With ``--whole-step`` every row is the whole DP-SGD step (clip, noise σ, SGD) and the noise comes
+from :class:`~torch_backprop.GaussianNoise` with its defaults (the next draw filled ahead on a
+background thread when a core is idle); the flat style also runs with the other ways to draw the
+noise (a ``torch.Generator`` in the step, as before; ``GaussianNoise`` drawn in the step, on one
+or two threads), and every style with ``secure=True`` (os.urandom). The draws alone are timed too.
+
 Opacus is optional (``pip install opacus``); its rows are skipped when it is not importable.
 
 Usage::
 
     python benchmarks/per_sample.py                      # [784,512,512,10], batch 256, float32
     python benchmarks/per_sample.py --json per_sample.json --min-run-time 3
+    python benchmarks/per_sample.py --whole-step --threads 1     # the whole DP step, every style
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import time
 import warnings
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -41,9 +50,10 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from torch.utils.benchmark import Timer
 
-from torch_backprop import AdaptiveClipping, BackpropMLP, dp_sgd_step, per_sample
+from torch_backprop import AdaptiveClipping, BackpropMLP, GaussianNoise, dp_sgd_step, per_sample
 from torch_backprop.cli.files import write_json
 from torch_backprop.cli.timing import interleaved_medians, machine_info
+from torch_backprop.firstorder.noise import secure_standard_normal
 
 Step = Callable[[], None]
 
@@ -74,12 +84,33 @@ def plain_step(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Step, list[Tenso
     return step, list(model.parameters())
 
 
+def noise_source(model: BackpropMLP, noise: str) -> torch.Generator | GaussianNoise:
+    """Where a DP step's noise comes from.
+
+    ``"default"``, ``"in-step"``, ``"2 workers"``, ``"secure"``: a ``GaussianNoise``;
+    ``"torch.Generator"``: ``torch.randn`` per parameter in the step, as before ``GaussianNoise``.
+    """
+    if noise == "torch.Generator":
+        return torch.Generator().manual_seed(0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if noise == "secure":
+        return GaussianNoise(params, secure=True)
+    options = {"default": {}, "in-step": {"prefetch": False}, "2 workers": {"prefetch": False, "workers": 2}}
+    return GaussianNoise(params, seed=0, **options[noise])
+
+
 def per_sample_step(
-    model: BackpropMLP, x: Tensor, y: Tensor, clip: Any, sigma: float | None = None, **style: Any
+    model: BackpropMLP,
+    x: Tensor,
+    y: Tensor,
+    clip: Any,
+    sigma: float | None = None,
+    noise: str = "default",
+    **style: Any,
 ) -> tuple[Step, list[Tensor]]:
     """Clipping inside the backward; with ``sigma``, the whole DP-SGD step (``dp_sgd_step``)."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    generator = torch.Generator().manual_seed(0)
+    generator = noise_source(model, noise) if sigma is not None else None
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
@@ -193,18 +224,25 @@ def dp_methods(model: BackpropMLP, x: Tensor, y: Tensor, clip: float, sigma: flo
     thresholds = [clip / math.sqrt(2 * depth)] * (2 * depth)
     adaptive = AdaptiveClipping(clip, unclipped_num_std=sigma or 1.0)  # σ < 2 σ_u, Opacus's rule
 
-    def ours(max_grad_norm: Any, **style: Any) -> Callable[[], tuple[Step, list[Tensor]]]:
-        return lambda: per_sample_step(model, x, y, max_grad_norm, sigma, **style)
+    def ours(max_grad_norm: Any, noise: str = "default", **style: Any) -> Callable[[], tuple]:
+        return lambda: per_sample_step(model, x, y, max_grad_norm, sigma, noise, **style)
 
+    styles = [
+        ("flat", clip, {}),
+        ("per_layer", thresholds, {"clipping": "per_layer"}),
+        ("layer-wise", clip, {"clipping": "layer-wise"}),
+        ("param-wise", clip, {"clipping": "param-wise"}),
+        ("group-wise", clip, {"clipping": "group-wise", "groups": [0, depth - 1]}),
+        ("automatic", clip, {"clipping_fn": "automatic"}),
+        ("adaptive", adaptive, {"clipping": "adaptive"}),
+    ]
     return [
         ("plain BackpropMLP", lambda: plain_step(model, x, y), False),
-        ("DP flat", ours(clip), True),
-        ("DP per_layer", ours(thresholds, clipping="per_layer"), False),
-        ("DP layer-wise", ours(clip, clipping="layer-wise"), False),
-        ("DP param-wise", ours(clip, clipping="param-wise"), False),
-        ("DP group-wise", ours(clip, clipping="group-wise", groups=[0, depth - 1]), False),
-        ("DP automatic", ours(clip, clipping_fn="automatic"), False),
-        ("DP adaptive", ours(adaptive, clipping="adaptive"), False),
+        *((f"DP {name}", ours(c, **style), name == "flat") for name, c, style in styles),
+        ("DP flat, noise in the step (torch.Generator)", ours(clip, "torch.Generator"), False),
+        ("DP flat, GaussianNoise in the step", ours(clip, "in-step"), False),
+        ("DP flat, GaussianNoise in the step, 2 workers", ours(clip, "2 workers"), False),
+        *((f"DP {name}, secure", ours(c, "secure", **style), False) for name, c, style in styles),
         ("Opacus hooks DP", lambda: opacus_hooks_step(model, x, y, clip, sigma), True),
         ("Opacus ghost DP", lambda: opacus_ghost_step(model, x, y, clip, sigma), True),
         ("fastDP MixOpt DP", lambda: fastdp_step(model, x, y, clip, sigma), True),
@@ -216,6 +254,8 @@ def noise_draws(model: BackpropMLP, threads: int, rounds: int) -> list[dict]:
     params = list(model.parameters())
     sizes = [p.numel() for p in params]
     generator = torch.Generator().manual_seed(0)
+    in_step = GaussianNoise(params, seed=0, prefetch=False)
+    two = GaussianNoise(params, seed=0, workers=2, prefetch=False)
     ways: dict[str, Step] = {
         "randn per parameter (dp_sgd_step)": lambda: [
             torch.randn(p.shape, generator=generator) for p in params
@@ -223,7 +263,24 @@ def noise_draws(model: BackpropMLP, threads: int, rounds: int) -> list[dict]:
         "randn per parameter, global generator": lambda: [torch.randn(p.shape) for p in params],
         "one flat randn": lambda: torch.randn(sum(sizes), generator=generator).split(sizes),
         "normal_ into a preallocated buffer": lambda: torch.empty(sum(sizes)).normal_(generator=generator),
+        "uniform_ into a preallocated buffer (the generator's uniforms alone)": lambda: torch.empty(
+            sum(sizes)
+        ).uniform_(generator=generator),
+        "GaussianNoise.draw, one thread (6 chunks)": in_step.draw,
+        "GaussianNoise.draw, 2 workers": two.draw,
+        "secure: os.urandom, Box-Muller, 4-sum (float64)": lambda: secure_standard_normal(sum(sizes)),
     }
+    try:
+        import numpy as np
+
+        for name in ("PCG64", "SFC64"):
+            bits = np.random.Generator(getattr(np.random, name)(0))
+            out = np.empty(sum(sizes), dtype=np.float32)
+            ways[f"numpy {name} standard_normal (ziggurat), float32"] = partial(
+                bits.standard_normal, out=out, dtype=np.float32
+            )
+    except ImportError:
+        pass
     timed = interleaved_medians(ways, rounds=rounds, min_run_time=0.2, threads=threads)  # rotated rounds
     return [{"draw": name, "median_s": t["median_s"], "variates": sum(sizes)} for name, t in timed.items()]
 
@@ -242,6 +299,9 @@ def main(argv: list[str] | None = None) -> dict:
         "--whole-step", action="store_true", help="the whole DP-SGD step (noise σ) for every clipping style"
     )
     parser.add_argument("--noise-multiplier", type=float, default=1.0, help="σ of --whole-step")
+    parser.add_argument(
+        "--secure", action="store_true", help="with --whole-step: every style also with secure noise"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message="Full backward hook is firing")  # Opacus, harmless
@@ -268,6 +328,8 @@ def main(argv: list[str] | None = None) -> dict:
         methods = dp_methods(model, x, y, clip, args.noise_multiplier)
         checks = {name: build for name, build, checked in dp_methods(model, x, y, clip, 0.0) if checked}
     slow = {"Opacus hooks + clipping", "torch.func vmap(grad) + clipping", "Opacus hooks DP"}
+    if args.whole_step and not args.secure:
+        methods = [method for method in methods if not method[0].endswith(", secure")]
     rows, steps = [], []
     for name, build, clipped in methods:
         if args.skip_slow and name in slow:
@@ -337,6 +399,8 @@ def main(argv: list[str] | None = None) -> dict:
         "whole_step": args.whole_step,
         "noise_multiplier": args.noise_multiplier if args.whole_step else None,
         "noise_draws": draws,
+        "load_average": list(os.getloadavg()),
+        "prefetch_default": GaussianNoise(list(model.parameters()), seed=0).prefetch,
         "sizes": args.sizes,
         "batch_size": args.batch_size,
         "max_grad_norm": clip,

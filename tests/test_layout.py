@@ -159,7 +159,7 @@ def test_each_subpackage_states_its_import_rule(subpackage):
 
 # The public API of the flat layout, as it was, stays importable.
 PUBLIC = [
-    "Activation", "AdaptiveClipping", "BackpropMLP", "MLPFunction", "activations",
+    "Activation", "AdaptiveClipping", "BackpropMLP", "GaussianNoise", "MLPFunction", "activations",
     "available_activations", "curvature", "dp_sgd_step", "functional", "get_activation",
     "ggn_vector_product", "per_sample", "register_activation", "testing",
     "input_derivatives", "laplacian", "pde",

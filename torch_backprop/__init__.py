@@ -21,6 +21,7 @@ from .core.function import MLPFunction
 from .core.module import BackpropMLP
 from .firstorder.clipping import AdaptiveClipping
 from .firstorder.dp_sgd import dp_sgd_step
+from .firstorder.noise import GaussianNoise
 from .firstorder.per_sample import per_sample
 from .pde import input_derivatives, laplacian
 from .secondorder.curvature import curvature
@@ -30,6 +31,7 @@ __all__ = [
     "Activation",
     "AdaptiveClipping",
     "BackpropMLP",
+    "GaussianNoise",
     "MLPFunction",
     "activations",
     "available_activations",

@@ -106,12 +106,13 @@ def test_per_sample_whole_dp_step_rows_run_and_check_without_noise():
     result = load("per_sample").main(
         [
             *("--sizes", "6", "8", "3", "--batch-size", "5", "--rounds", "1", "--min-run-time", "0.01"),
-            *("--threads", "1", "--whole-step"),
+            *("--threads", "1", "--whole-step", "--secure"),
         ]
     )
     measured = {row["method"]: row for row in result["rows"] if "skipped" not in row}
     styles = {"DP flat", "DP per_layer", "DP layer-wise", "DP param-wise", "DP group-wise", "DP automatic"}
     assert styles | {"DP adaptive", "plain BackpropMLP"} <= set(measured)
+    assert {f"{name}, secure" for name in styles} <= set(measured)
     for name in ("DP flat", "Opacus hooks DP", "Opacus ghost DP"):
         if name in measured:  # σ = 0: the averaged clipped gradient of the float64 loop
             assert measured[name]["max_abs_error_vs_float64_loop"] < 1e-6, name

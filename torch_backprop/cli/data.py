@@ -53,6 +53,7 @@ class DatasetInfo:
         num_classes: number of labels.
         mean: per-channel mean of the training images in [0, 1] (the usual published figure).
         std: per-channel standard deviation, likewise.
+        train_size: training samples of the full set (``fake``: ``--fake-size``, so ``None``).
     """
 
     name: str
@@ -60,6 +61,7 @@ class DatasetInfo:
     num_classes: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    train_size: int | None = None
 
     @property
     def in_features(self) -> int:
@@ -71,11 +73,11 @@ class DatasetInfo:
 DATASETS: dict[str, DatasetInfo] = {
     info.name: info
     for info in [
-        DatasetInfo("mnist", (1, 28, 28), 10, (0.1307,), (0.3081,)),
-        DatasetInfo("mnist-10k", (1, 28, 28), 10, (0.1307,), (0.3081,)),
-        DatasetInfo("fashion-mnist", (1, 28, 28), 10, (0.2860,), (0.3530,)),
-        DatasetInfo("kmnist", (1, 28, 28), 10, (0.1918,), (0.3483,)),
-        DatasetInfo("cifar10", (3, 32, 32), 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+        DatasetInfo("mnist", (1, 28, 28), 10, (0.1307,), (0.3081,), 60000),
+        DatasetInfo("mnist-10k", (1, 28, 28), 10, (0.1307,), (0.3081,), 8000),  # MNIST_10K_SPLIT
+        DatasetInfo("fashion-mnist", (1, 28, 28), 10, (0.2860,), (0.3530,), 60000),
+        DatasetInfo("kmnist", (1, 28, 28), 10, (0.1918,), (0.3483,), 60000),
+        DatasetInfo("cifar10", (3, 32, 32), 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), 50000),
         DatasetInfo("fake", (1, 28, 28), 10, (0.5,), (0.5,)),
     ]
 }

@@ -2,7 +2,8 @@
 
 After every epoch rank 0 writes, each atomically (:mod:`torch_backprop.cli.files`), ``checkpoint.pt``
 (every backend's model, optimiser and scaler state, the RNG state, the history and the
-run's options), then ``model.pt`` (a ``BackpropMLP`` state_dict, whichever backend trained it) and
+run's options; for ``--dp`` also the accountant's history and the sampler's and noise's generator
+states), then ``model.pt`` (a ``BackpropMLP`` state_dict, whichever backend trained it) and
 ``metrics.json`` (the options and every epoch's figures); at the end ``curves.png``. A crash
 between two epochs leaves the previous epoch's files, from which ``--resume`` continues exactly.
 
@@ -66,7 +67,11 @@ RESUME_KEYS = (
     "dataset", "hidden", "activation", "dropout", "batch_size", "optimizer", "lr", "momentum",
     "weight_decay", "lr_schedule", "lr_step_size", "lr_gamma", "seed", "amp", "backend",
     "compare_autograd", "limit_train", "limit_test", "fake_size",
+    "dp", "target_epsilon", "noise_multiplier", "delta", "max_grad_norm", "clipping", "clipping_fn", "groups",
+    "accountant", "secure_mode", "target_unclipped_quantile", "clipbound_learning_rate", "unclipped_num_std",
 )  # fmt: skip
+# What a checkpoint written before an option existed was run with (absent options not listed: None).
+_ABSENT = {"dp": False}
 
 
 class Trainee(Protocol):
@@ -123,9 +128,9 @@ def load_checkpoint(directory: Path, args: argparse.Namespace) -> dict[str, Any]
             f"(expected the keys {', '.join(_SAVED_KEYS)}, missing {', '.join(missing) or 'none'})"
         )
     differ = [
-        f"--{key.replace('_', '-')} {saved['config'].get(key)!r} -> {getattr(args, key)!r}"
+        f"--{key.replace('_', '-')} {saved['config'].get(key, _ABSENT.get(key))!r} -> {getattr(args, key)!r}"
         for key in RESUME_KEYS
-        if saved["config"].get(key) != getattr(args, key)
+        if saved["config"].get(key, _ABSENT.get(key)) != getattr(args, key)
     ]
     if differ:
         raise ConfigError(
@@ -273,8 +278,9 @@ def write_epoch(
     config: dict[str, Any],
     epoch: int,
     device: torch.device,
+    extra: dict[str, Any] | None = None,
 ) -> None:
-    """checkpoint.pt, then model.pt and metrics.json, each atomically."""
+    """checkpoint.pt (with ``extra``'s entries, e.g. ``"dp"``), then model.pt and metrics.json, atomically."""
     rng = {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
@@ -286,6 +292,7 @@ def write_epoch(
             "history": history,
             "rng": rng,
             "trainees": {t.name: t.state() for t in trainees},
+            **(extra or {}),
         },
         out / CHECKPOINT,
     )
@@ -299,9 +306,16 @@ def write_curves(out: Path, history: list[dict[str, Any]], backends: list[str]) 
         from matplotlib.figure import Figure
     except ImportError:
         return "matplotlib is not installed: skipped curves.png (pip install 'torch-backprop[plot]')"
-    figure = Figure(figsize=(9, 3.5), layout="constrained")
-    loss_axes, accuracy_axes = figure.subplots(1, 2)
+    private = all("privacy" in row for row in history)
+    figure = Figure(figsize=(13.5 if private else 9, 3.5), layout="constrained")
+    loss_axes, accuracy_axes, *rest = figure.subplots(1, 3 if private else 2)
     epochs = [row["epoch"] for row in history]
+    if private:
+        (epsilon_axes,) = rest
+        epsilon_axes.plot(epochs, [row["privacy"]["epsilon"] for row in history], marker="o", markersize=3)
+        delta = history[-1]["privacy"]["delta"]
+        epsilon_axes.set(xlabel="epoch", ylabel="ε", title=f"privacy spent (δ = {delta:g})")
+        epsilon_axes.grid(alpha=0.3)
     for backend, style in zip(backends, ("-", "--")[: len(backends)], strict=True):
         label = f"{backend} backward" if len(backends) > 1 else None
         rows = [row[backend] for row in history]

@@ -15,6 +15,9 @@ Batch order is a function of ``--seed`` and the epoch only (a ``DistributedSampl
 more replicas), so ``--resume`` continues exactly and ``torchrun --nproc-per-node N`` splits the
 same global batches (``--batch-size`` is global) over N processes, with ``DistributedDataParallel``
 (gloo on CPU, nccl on CUDA). Only rank 0 prints and writes files.
+
+``--dp`` trains with DP-SGD instead (:mod:`torch_backprop.cli.private`: Poisson batches, the DP step
+of either backend, ε per epoch).
 """
 
 from __future__ import annotations
@@ -39,7 +42,8 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from ..core.activations import available_activations
 from ..core.module import BackpropMLP
-from . import run_folder
+from ..firstorder.per_sample import per_sample
+from . import private, run_folder
 from .data import DATASETS, DataError, default_data_root, expected_files, load_dataset
 from .options import ConfigError, number, positive_ints, select_device
 
@@ -173,6 +177,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="continue from DIR/checkpoint.pt (repeat the run's options; --epochs may grow); "
         "--out defaults to DIR",
     )
+    private.add_arguments(parser)
     runtime.add_argument(
         "--overwrite",
         action="store_true",
@@ -186,7 +191,8 @@ def validate(args: argparse.Namespace) -> None:
     ``--resume DIR`` without ``--out`` writes into ``DIR``.
 
     Raises:
-        ConfigError: an unusable ``--out`` or ``--resume`` folder.
+        ConfigError: an unusable ``--out`` or ``--resume`` folder; ``--dp`` options that cannot be
+            honoured (:func:`torch_backprop.cli.private.validate`).
     """
     if args.resume is not None:
         if not args.resume.is_dir():
@@ -195,6 +201,7 @@ def validate(args: argparse.Namespace) -> None:
             args.out = args.resume
     if args.out is not None:
         run_folder.check_out(args.out)
+    private.validate(args)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,7 +306,7 @@ class Trainee:
         self.optimizer = _make_optimizer(args, model.parameters())
         self.scaler = torch.amp.GradScaler(group.device.type, enabled=args.amp == "fp16")
         self.wrapped: nn.Module = model
-        if group.distributed:
+        if group.distributed and not args.dp:  # DP: dp_sgd_step sums the clipped gradients itself
             device_ids = [group.device.index] if group.device.type == "cuda" else None
             self.wrapped = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
@@ -385,9 +392,14 @@ def _progress(loader: DataLoader, description: str, group: ProcessGroup) -> Any:
 
 
 def _train_epoch(
-    trainees: list[Trainee], loader: DataLoader, epoch: int, args: argparse.Namespace, group: ProcessGroup
+    trainees: list[Trainee],
+    loader: Any,
+    epoch: int,
+    args: argparse.Namespace,
+    group: ProcessGroup,
+    dp: private.PrivateTraining | None = None,
 ) -> tuple[list[float], float]:
-    """One pass over ``loader`` for every trainee: (summed train loss per trainee, samples), all ranks."""
+    """One pass over ``loader`` (``dp``: its Poisson batches) per trainee: (summed losses, samples)."""
     for trainee in trainees:
         trainee.model.train()
         trainee.set_learning_rate(learning_rate(args, epoch))
@@ -398,6 +410,9 @@ def _train_epoch(
     for step, (x, y) in enumerate(bar):
         x, y = x.to(group.device, non_blocking=True), y.to(group.device, non_blocking=True)
         for trainee in trainees:
+            if dp is not None:
+                sums[trainee.name] += _dp_step(trainee, x, y, dp)
+                continue
             trainee.optimizer.zero_grad(set_to_none=True)
             with _autocast(args, group.device):
                 output = trainee.wrapped(x)
@@ -409,11 +424,23 @@ def _train_epoch(
         seen += len(y)
         if not bar.disable and step % 10 == 0:
             rate = seen * group.world_size / (time.perf_counter() - started)
-            running = sums[trainees[0].name].item() / seen
+            running = sums[trainees[0].name].item() / max(seen, 1)
             bar.set_postfix(loss=f"{running:.4f}", samples_per_s=f"{rate:.0f}")
     bar.close()
     totals = group.all_sum([*(s.item() for s in sums.values()), float(seen)])
     return totals[:-1], totals[-1]
+
+
+def _dp_step(trainee: Trainee, x: Tensor, y: Tensor, dp: private.PrivateTraining) -> Tensor:
+    """One DP-SGD step: clipping inside the one backward, then the noise (the twin: through Opacus)."""
+    if trainee.name == "autograd":
+        return dp.opacus_step(trainee, x, y)
+    trainee.optimizer.zero_grad(set_to_none=True)
+    with per_sample(trainee.model, loss_reduction="sum", **dp.clipping()):
+        loss = F.cross_entropy(trainee.model(x), y, reduction="sum")
+        loss.backward()
+    dp.noise_and_step(trainee)
+    return loss.detach()
 
 
 def _epoch_row(
@@ -466,6 +493,8 @@ def fit(args: argparse.Namespace) -> None:
     out = args.out if group.main else None
     with run_folder.RunFolder(out, resume=args.resume, overwrite=args.overwrite):
         saved = run_folder.load_checkpoint(args.resume, args) if args.resume is not None else None
+        if saved is not None:
+            private.check_resume(args, saved)
         if saved is not None and out is not None:
             # model.pt and metrics.json may lag the checkpoint by an epoch after a kill
             run_folder.rewrite_outputs(out, saved, with_checkpoint=out.resolve() != args.resume.resolve())
@@ -494,8 +523,11 @@ def _fit(args: argparse.Namespace, group: ProcessGroup, saved: dict[str, Any] | 
     trainees = _build_trainees(args, sizes, group)
     history: list[dict[str, Any]] = []
     start_epoch = 0
+    dp = private.PrivateTraining(args, trainees, group) if args.dp else None
     if saved is not None:
         history, start_epoch = run_folder.restore(saved, trainees, group.device)
+        if dp is not None:
+            dp.load_state(saved.get("dp", {}), trainees)
         group.print(f"resumed from {args.resume} after epoch {start_epoch}")
 
     sampler = DistributedSampler(
@@ -516,15 +548,20 @@ def _fit(args: argparse.Namespace, group: ProcessGroup, saved: dict[str, Any] | 
         f"{args.activation}; {', '.join(t.name for t in trainees)} backward; {group.world_size} "
         f"process(es) on {group.device}"
     )
+    if dp is not None:
+        group.print(dp.describe())
 
     for epoch in range(start_epoch, args.epochs):
         sampler.set_epoch(epoch)
         started = time.perf_counter()
-        sums, samples = _train_epoch(trainees, loader, epoch, args, group)
+        batches = dp.batches(train_set) if dp is not None else loader
+        sums, samples = _train_epoch(trainees, batches, epoch, args, group, dp)
         seconds = time.perf_counter() - started
         history.append(_epoch_row(trainees, sums, samples, seconds, epoch, test_set, args, group))
+        extra = dp.end_epoch(history[-1], trainees, group.print) if dp is not None else None
         if writes:
-            run_folder.write_epoch(args.out, trainees, history, config, epoch + 1, group.device)
+            more = {"extra": extra} if extra is not None else {}  # the DP state, for --resume
+            run_folder.write_epoch(args.out, trainees, history, config, epoch + 1, group.device, **more)
 
     if writes:
         group.print(run_folder.write_curves(args.out, history, [t.name for t in trainees]))

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .clipping import AdaptiveClipping, ClippingRule
+from .noise import GaussianNoise
 
 __all__ = ["dp_sgd_step"]
 
@@ -103,7 +104,7 @@ def dp_sgd_step(
     noise_multiplier: float,
     max_grad_norm: float | Sequence[float] | AdaptiveClipping | None = None,
     batch_size: int | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | GaussianNoise | None = None,
     *,
     loss_reduction: str | None = None,
 ) -> None:
@@ -142,15 +143,19 @@ def dp_sgd_step(
         max_grad_norm: C, the threshold the gradients were clipped to (checked).
         batch_size: for ``"mean"``: the expected size of the logical batch (all samples of all
             backward calls since the gradients were zeroed, on all processes); unused for ``"sum"``.
-        generator: a ``torch.Generator`` on the parameters' device for the noise; ``None`` for the
-            global one.
+        generator: where the noise comes from: a :class:`~torch_backprop.firstorder.noise.GaussianNoise`
+            over the trainable parameters (seeded, reproducible, drawn ahead of time, or from the
+            operating system's CSPRNG with ``secure=True``); a ``torch.Generator`` on the
+            parameters' device (``torch.randn`` per parameter, as Opacus's ``DPOptimizer`` draws);
+            ``None`` for the global generator.
         loss_reduction: how the update aggregates the noisy sum, as Opacus's ``DPOptimizer``'s:
             ``"mean"`` (divide by ``batch_size``) or ``"sum"``; ``None`` (default) for the block's.
             The clipped sum S is recovered exactly whichever reduction the block's loss used.
 
     Raises:
         ValueError: σ < 0 or not finite, C ≤ 0, a missing or non-positive batch size for
-            ``"mean"``, or an unknown ``loss_reduction``.
+            ``"mean"``, an unknown ``loss_reduction``, or a ``GaussianNoise`` made for other
+            parameters (shapes, dtypes or devices).
         RuntimeError: a trainable parameter whose gradient is not exactly the clipped sum of one
             ``per_sample`` block (unclipped, changed since, clipped by another block, or absent);
             a threshold other than the block's.
@@ -166,6 +171,8 @@ def dp_sgd_step(
     ):
         raise ValueError(f"dp_sgd_step expects a positive integer batch_size, got {batch_size!r}")
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if isinstance(generator, GaussianNoise):
+        _check_noise(generator, named)
     problem = _check(named, max_grad_norm, loss_reduction, batch_size)
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     if distributed and named:  # every process must fail together, or the others wait for it forever
@@ -187,16 +194,18 @@ def dp_sgd_step(
     std = multiplier * rule.sensitivity  # σ Δ, CL4
     noisy = not distributed or dist.get_rank() == 0  # the noise is drawn once, on rank 0
     average = 1 / batch_size if reduction == "mean" else 1  # DP2 or DP1
+    drawn = generator.draw() if noisy and isinstance(generator, GaussianNoise) else None
     with torch.no_grad():  # in place, as clip_grad_norm_ does: S · average + N(0, (σΔ · average)²)
         grads = []
-        for _, param in named:
+        for index, (_, param) in enumerate(named):
             (scale,) = _records[param].scales
             grad = param.grad  # S / scale
-            noise = (
-                torch.randn(param.shape, generator=generator, dtype=param.dtype, device=param.device)
-                if noisy
-                else None
-            )  # drawn before .grad changes: a generator on another device fails with .grad intact
+            if drawn is not None:
+                noise = drawn[index]
+            elif noisy:  # drawn before .grad changes: a generator on another device fails with .grad intact
+                noise = torch.randn(param.shape, generator=generator, dtype=param.dtype, device=param.device)
+            else:
+                noise = None
             if scale * average != 1:
                 grad.mul_(scale * average)
             if noise is not None:
@@ -206,8 +215,10 @@ def dp_sgd_step(
             _records.pop(param, None)
         counts = torch.tensor([float(first.unclipped), float(first.samples)], dtype=torch.float64)
         if adaptive is not None and noisy:
-            counts[0] += adaptive.unclipped_num_std * torch.randn(
-                (), generator=generator, dtype=torch.float64
+            counts[0] += adaptive.unclipped_num_std * (
+                generator.scalar()
+                if isinstance(generator, GaussianNoise)
+                else torch.randn((), generator=generator, dtype=torch.float64)
             )
         if distributed:  # Σ over processes (the noise from rank 0 only), in one reduction; linear in S
             flat = torch.cat([grad.flatten() for grad in grads])
@@ -221,6 +232,23 @@ def dp_sgd_step(
     if adaptive is not None:
         adaptive.update(counts[0].item(), int(counts[1].item()))
     optimizer.step()
+
+
+def _check_noise(noise: GaussianNoise, named: list[tuple[str, Tensor]]) -> None:
+    """Refuse a ``GaussianNoise`` made for other parameters than the trainable ones of ``named``."""
+    given = list(zip(noise.shapes, noise.dtypes, noise.devices, strict=True))
+    expected = [(p.shape, p.dtype, p.device) for _, p in named]
+    if given != expected:
+        raise ValueError(
+            "dp_sgd_step expects a GaussianNoise over the trainable parameters, in order: "
+            f"[{_describe(expected)}], got one over [{_describe(given)}]"
+        )
+
+
+def _describe(layout: list[tuple[torch.Size, torch.dtype, torch.device]]) -> str:
+    return ", ".join(
+        f"{tuple(shape)} {str(dtype).removeprefix('torch.')} {device}" for shape, dtype, device in layout
+    )
 
 
 def _check(
