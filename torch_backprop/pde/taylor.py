@@ -74,7 +74,7 @@ class Coefficients(NamedTuple):
     drift: Tensor | None = None
 
 
-def quadratic_form(dz: Tensor, c: Coefficients) -> tuple[Tensor, Tensor]:
+def quadratic_form(dz: Tensor, c: Coefficients, lean: bool = False) -> tuple[Tensor, Tensor]:
     """``(q, C ∂z)``: q = Σ_jk C_jk ∂_j z ⊙ ∂_k z (N or 1, n) and C ∂z (K, N or 1, n), for TY4 and TA2."""
     if c.matrix is not None:
         if c.matrix.dim() == 2:
@@ -86,12 +86,17 @@ def quadratic_form(dz: Tensor, c: Coefficients) -> tuple[Tensor, Tensor]:
         c_dz = weight * dz  # C_kk ∂_k z
     else:
         c_dz = dz  # C = I
-    return sum_of_products(dz, c_dz), c_dz
+    return sum_of_products(dz, c_dz, lean), c_dz
 
 
-def sum_of_products(a: Tensor, b: Tensor) -> Tensor:
-    """Σ_k a_k ⊙ b_k over the first dimension (a loop of fused multiply-adds for small K)."""
-    if a.shape[0] > 4:
+def sum_of_products(a: Tensor, b: Tensor, lean: bool = True) -> Tensor:
+    """Σ_k a_k ⊙ b_k over the first dimension.
+
+    ``lean`` (no autograd): a loop of fused multiply-adds, which never materialises the K products
+    (for large K that temporary is as big as the whole derivative stack); else ``(a * b).sum(0)``,
+    one autograd node.
+    """
+    if not lean:
         return (a * b).sum(0)
     total = a[0] * b[0]  # every a_k ⊙ b_k has this shape
     for k in range(1, a.shape[0]):
@@ -104,24 +109,85 @@ def sum_of_products(a: Tensor, b: Tensor) -> Tensor:
 
 
 class LayerTape(NamedTuple):
-    """What layer l's backward reads (TA1-TA5), kept by the forward phase.
+    """What the backward phase reads of layer l+1 (TA1-TA4), kept by the forward phase.
 
     Attributes:
-        inputs: [h; ∂h; Dh]^(l) stacked, (K+2, N, n_l); ``None`` at l = 0 (x and b are kept instead).
+        h: h^(l+1) = σ(z^(l+1)), (N, n_{l+1}).
         dz, Dz: ∂z^(l+1) (K, N or 1, n_{l+1}) and Dz^(l+1) (N or 1, n_{l+1}; ``None`` when zero).
+        stacked: [z; ∂z; Dz]^(l+1) as the product TY1 made it, (K+2, N, n_{l+1}); ``None`` at l = 0.
         sigma_from: the tensor σ', σ'', σ''' are read from (h^(l+1) or z^(l+1)); ``None`` for identity.
         sigma_prime, sigma_second: σ'(z^(l+1)) and σ''(z^(l+1)) (``None`` when zero).
         q, c_dz: q^(l+1) and C ∂z^(l+1) (``None`` when σ'' is zero).
     """
 
-    inputs: Tensor | None
+    h: Tensor
     dz: Tensor
     Dz: Tensor | None
+    stacked: Tensor | None
     sigma_from: Tensor | None
     sigma_prime: Tensor | None
     sigma_second: Tensor | None
     q: Tensor | None
     c_dz: Tensor | None
+
+
+def activation_factors(
+    act: Activation,
+    z: Tensor,
+    dz: Tensor,
+    Dz: Tensor | None,
+    stacked: Tensor | None,
+    c: Coefficients,
+    lean: bool,
+) -> LayerTape:
+    """TY2 and the factors of TY3-TY4 at one layer: h = σ(z), σ', σ'', q and C ∂z."""
+    if act.derivative_from == "none":  # σ = identity: h = z, ∂h = ∂z, Dh = Dz
+        return LayerTape(z, dz, Dz, stacked, None, None, None, None, None)
+    h = act.fn(z)  # TY2, (N, n_{l+1})
+    sigma_from = h if act.derivative_from == "h" else z
+    sigma_prime = act.derivative(sigma_from)
+    sigma_second = q = c_dz = None
+    if act.second_derivative is not zero_second_derivative:
+        sigma_second = act.second_derivative(sigma_from)
+        q, c_dz = quadratic_form(dz, c, lean)  # q = Σ_jk C_jk ∂_j z ⊙ ∂_k z
+    return LayerTape(h, dz, Dz, stacked, sigma_from, sigma_prime, sigma_second, q, c_dz)
+
+
+def layer_outputs(layer: LayerTape, rows: int, lean: bool) -> Tensor | tuple[Tensor, Tensor, Tensor]:
+    """[h; ∂h; Dh] of one layer by TY3-TY4 from its factors: for the next product, and again in TA4.
+
+    With ``lean``, one fresh (K+2, N, n) tensor written in place; else ``(h, ∂h, Dh)`` in
+    differentiable ops.
+    """
+    width = layer.h.shape[-1]
+    identity = layer.sigma_prime is None
+    if not lean:
+        dh, Dh = layer.dz, layer.Dz
+        if not identity:
+            dh = layer.sigma_prime * layer.dz  # TY3, (K, N, n)
+            Dh = None if layer.Dz is None else layer.sigma_prime * layer.Dz  # TY4: σ' ⊙ Dz
+            if layer.sigma_second is not None:  # TY4: + σ'' ⊙ q
+                Dh = layer.sigma_second * layer.q if Dh is None else Dh + layer.sigma_second * layer.q
+        Dh = layer.h.new_zeros(rows, width) if Dh is None else Dh.expand(rows, width)
+        return layer.h, dh.expand(-1, rows, -1), Dh
+    out = layer.h.new_empty(layer.dz.shape[0] + 2, rows, width)
+    out[0].copy_(layer.h)
+    if identity:
+        out[1:-1].copy_(layer.dz)
+    elif layer.stacked is not None:
+        torch.mul(layer.sigma_prime, layer.stacked[1:], out=out[1:])  # TY3, TY4's σ' ⊙ Dz: [∂z; Dz] adjacent
+    else:
+        torch.mul(layer.sigma_prime, layer.dz, out=out[1:-1])  # TY3
+    if identity or layer.stacked is None:
+        if layer.Dz is None:
+            out[-1].zero_()
+        elif identity:
+            out[-1].copy_(layer.Dz)
+        else:
+            torch.mul(layer.sigma_prime, layer.Dz, out=out[-1])  # TY4: σ' ⊙ Dz
+    if layer.sigma_second is not None:
+        out[-1].addcmul_(layer.sigma_second, layer.q)  # TY4: + σ'' ⊙ q
+    return out
 
 
 def taylor_forward(
@@ -137,62 +203,27 @@ def taylor_forward(
 
     By default in differentiable, out-of-place ops, so that autograd (double backward, torch.func,
     torch.compile) can differentiate it where the backward phase below is not used. With ``lean``
-    (no autograd: the node's forward, or inference) each layer writes [h; ∂h; Dh] straight into the
-    buffer the next product reads, in place.
+    (no autograd: the node's forward, or inference) [h; ∂h; Dh] is written in place into the
+    buffer the next product reads, and the tape does not keep it (the backward makes it again).
     """
-    depth = len(activations)
-    count, rows = c.coordinates.numel(), x.shape[0]
+    depth, rows = len(activations), x.shape[0]
     tape = []
-    inputs = None
     z = F.linear(x, weights[0], biases[0])  # TY1 at l = 0: z^(1) = x W^(0) + b^(0), (N, n_1)
     dz = weights[0].t()[c.coordinates].unsqueeze(1)  # TY1: ∂_k z^(1) = row i_k of W^(0), (K, 1, n_1)
     Dz = None if c.drift is None else F.linear(c.drift, weights[0])  # TY1: Dz^(1) = b W^(0)
     stacked = None  # [z; ∂z; Dz]^(k+1) as one tensor, from the second layer on
     for k in range(depth):
-        act, last = activations[k], k == depth - 1
-        width = z.shape[-1]
-        out = z.new_empty(count + 2, rows, width) if lean and not last else None  # [h; ∂h; Dh]^(k+1)
-        if act.derivative_from == "none":  # σ = identity: h = z, ∂h = ∂z, Dh = Dz
-            h, dh, Dh = z, dz, Dz
-            tape.append(LayerTape(inputs, dz, Dz, None, None, None, None, None))
+        layer = activation_factors(activations[k], z, dz, Dz, stacked, c, lean)  # TY2
+        tape.append(layer)
+        if k == depth - 1:
+            return layer_outputs(layer, rows, lean=False), tape  # type: ignore[return-value]
+        if lean:
+            inputs = layer_outputs(layer, rows, lean)  # [h; ∂h; Dh]^(k+1), TY3-TY4
         else:
-            h = act.fn(z)  # TY2, (N, n_{k+1})
-            sigma_from = h if act.derivative_from == "h" else z
-            sigma_prime = act.derivative(sigma_from)
-            if out is not None and stacked is not None:  # TY3 and TY4's σ' ⊙ Dz in one product
-                torch.mul(sigma_prime, stacked[1:], out=out[1:])
-                dh, Dh = out[1:-1], out[-1]
-            else:
-                dh = torch.mul(sigma_prime, dz, out=None if out is None else out[1:-1])  # TY3, (K, N, n)
-                Dh = None if Dz is None else torch.mul(sigma_prime, Dz, out=None if out is None else out[-1])
-            sigma_second = q = c_dz = None
-            if act.second_derivative is not zero_second_derivative:
-                sigma_second = act.second_derivative(sigma_from)
-                q, c_dz = quadratic_form(dz, c)
-                if Dh is None:
-                    Dh = torch.mul(sigma_second, q, out=None if out is None else out[-1])  # TY4: σ'' ⊙ q
-                elif lean:
-                    Dh.addcmul_(sigma_second, q)  # TY4: + σ'' ⊙ q
-                else:
-                    Dh = Dh + sigma_second * q  # TY4: + σ'' ⊙ q
-            tape.append(LayerTape(inputs, dz, Dz, sigma_from, sigma_prime, sigma_second, q, c_dz))
-        if last:
-            Dh = h.new_zeros(rows, width) if Dh is None else Dh.expand(rows, width)
-            return (h, dh.expand(-1, rows, -1), Dh), tape
-        if out is None:  # [h; ∂h; Dh]^(k+1)
-            Dh = h.new_zeros(rows, width) if Dh is None else Dh.expand(rows, width)
-            inputs = torch.cat([h.unsqueeze(0), dh.expand(-1, rows, -1), Dh.unsqueeze(0)])
-        else:
-            inputs = out
-            out[0].copy_(h)
-            if act.derivative_from == "none":  # σ = identity: ∂h = ∂z, Dh = Dz are not in the buffer yet
-                out[1:-1].copy_(dh)
-                if Dh is not None:
-                    out[-1].copy_(Dh)
-            if Dh is None:
-                out[-1].zero_()
+            h, dh, Dh = layer_outputs(layer, rows, lean)  # type: ignore[misc]
+            inputs = torch.cat([h.unsqueeze(0), dh, Dh.unsqueeze(0)])
         weight = weights[k + 1]
-        stacked = inputs.view(-1, width).mm(weight.t()).view(count + 2, rows, weight.shape[0])  # TY1
+        stacked = inputs.flatten(0, 1).mm(weight.t()).view(*inputs.shape[:2], weight.shape[0])  # TY1
         z, dz, Dz = stacked[0], stacked[1:-1], stacked[-1]
         if biases[k + 1] is not None:
             z = z.add_(biases[k + 1]) if lean else z + biases[k + 1]  # TY1: + b^(k+1) on z only
@@ -242,8 +273,9 @@ def taylor_backward(
         z_bar = bar[0]  # bar is now [z̄; ∂z̄; Dz̄], (K+2, N, n_{k+1})
         grad_biases[k] = z_bar.sum(0)  # TA4
         if k > 0:
+            inputs = layer_outputs(tape[k - 1], bar.shape[1], lean=True)  # [h; ∂h; Dh]^(k) again (TY3-TY4)
             flat = bar.view(-1, bar.shape[-1])
-            grad_weights[k] = flat.t().mm(layer.inputs.view(-1, layer.inputs.shape[-1]))  # TA4
+            grad_weights[k] = flat.t().mm(inputs.view(-1, inputs.shape[-1]))  # TA4
             bar = flat.mm(weights[k]).view(*bar.shape[:2], weights[k].shape[1])  # TA5
         else:
             grad = z_bar.t().mm(x)  # TA4 at l = 0: xᵀ z̄ (+ bᵀ Dz̄), then Σ_N ∂_k z̄ in row i_k
