@@ -14,8 +14,9 @@ time is excluded. The workloads:
   - r u, the terminal and boundary losses, backward to the parameters;
 * ``laplacian d=D w=W``: u and Δu of ``[D, W, W, W, 1]`` tanh at ``--laplacian-points`` points,
   float32, with the parameters requiring grad (as inside a training step);
-* ``poisson step d=D w=W``: one training step of ``examples/poisson.py`` on the same network: the
-  residual (Δu + f) / π² at as many interior points and u - g at as many boundary points, backward;
+* ``poisson step d=D w=W``: one training step of ``examples/poisson.py`` (u* = Σ cos(π x_i)) on the
+  same network: the residual (Δu + f) / π² at as many interior points and u - g at as many boundary
+  points, backward;
 * ``hvp ...``: a Hessian-vector product H v of an MSE in the parameters, by a backward through the
   gradient (reverse over reverse) or ``torch.func.jvp`` of ``torch.func.grad`` (forward over reverse).
 
@@ -29,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -141,10 +141,12 @@ def laplacian_steps(
         "forward over reverse": (twin, lambda: laplacian_forward_over_reverse(twin, interior)),
     }
 
+    problem = poisson.PROBLEMS["cosines"]
+
     def poisson_loss(u: nn.Module, operator: Callable[[], tuple[Tensor, Tensor]]) -> Callable[[], Tensor]:
         def loss() -> Tensor:
-            residual = (operator()[1] + poisson.source(interior)) / math.pi**2
-            return residual.square().mean() + (u(boundary)[:, 0] - poisson.exact(boundary)).square().mean()
+            residual = (operator()[1] + problem.source(interior)) / problem.scale
+            return residual.square().mean() + (u(boundary)[:, 0] - problem.exact(boundary)).square().mean()
 
         return loss
 

@@ -1,12 +1,15 @@
 r"""A physics-informed BackpropMLP for the Poisson equation in d dimensions, Δu in one forward pass.
 
-The problem, with a known solution (a sum of one-dimensional waves, as in the Poisson experiments of
-physics-informed network papers):
+    -Δu = f  on Ω = [0, 1]^d,   u = g = u*  on ∂Ω,
+    loss = mean over interior points of ((Δu + f) / s)² + mean over boundary points of (u - g)²,
 
-    -Δu = f  on Ω = [0, 1]^d,   u = g  on ∂Ω,   u*(x) = Σ_i sin(π x_i),  so f = π² u* and g = u*,
-    loss = mean over interior points of ((Δu + f) / π²)² + mean over boundary points of (u - g)²,
+with one of three known solutions u* (``--solution``):
 
-with the residual divided by π² so that both terms are in units of u.
+* ``cosines`` (default): u*(x) = Σ_i cos(π x_i), so f = π² u*, and s = π² puts both terms in units
+  of u: the sum-of-cosines problem of the KFAC-for-PINNs experiments (Dangel, Müller, Zeinhofer 2024);
+* ``sines``: u*(x) = Σ_i sin(π x_i), f = π² u*, s = π²;
+* ``products``: u*(x) = Σ_{i < d/2} x_{2i} x_{2i+1} (d even), a harmonic polynomial (f = 0, s = 1):
+  the high-dimensional problem of E and Yu's Deep Ritz method.
 
 Each step draws fresh points: interior ones uniform in Ω, boundary ones uniform in Ω with one random
 coordinate set to 0 or 1. Δu comes from ``torch_backprop.laplacian``: u, ∇u and Δu carried up the
@@ -14,8 +17,8 @@ stack in one forward pass (TY1-TY4 of ``torch_backprop.pde.taylor``), and the lo
 the adjoint recursion TA1-TA5, no nested backward. The run reports the relative L2 error
 ‖u - u*‖ / ‖u*‖ on fresh points, and checks Δu against ``torch.func.hessian`` of the native twin.
 
-    python examples/poisson.py --dim 10              # 3000 steps
-    python examples/poisson.py --dim 100 --steps 3000
+    python examples/poisson.py --dim 10               # u* = Σ cos(π x_i), 3000 steps
+    python examples/poisson.py --dim 100
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ import argparse
 import math
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -32,14 +36,33 @@ from torch import Tensor
 from torch_backprop import BackpropMLP, laplacian
 
 
-def exact(x: Tensor) -> Tensor:
-    """u*(x) = Σ_i sin(π x_i), (N,)."""
-    return torch.sin(math.pi * x).sum(-1)
+@dataclass(frozen=True)
+class Problem:
+    """A Poisson problem with a known solution: u*, f = -Δu*, and the residual's scale s."""
+
+    name: str
+    exact: Callable[[Tensor], Tensor]  # u*(x), (N, d) -> (N,)
+    source: Callable[[Tensor], Tensor]  # f(x) = -Δu*(x), (N,)
+    scale: float
 
 
-def source(x: Tensor) -> Tensor:
-    """F = -Δu* = π² Σ_i sin(π x_i), (N,)."""
-    return math.pi**2 * exact(x)
+def _sines(x: Tensor) -> Tensor:
+    return torch.sin(math.pi * x).sum(-1)  # Σ_i sin(π x_i)
+
+
+def _products(x: Tensor) -> Tensor:
+    return x.unflatten(-1, (-1, 2)).prod(-1).sum(-1)  # Σ_i x_{2i} x_{2i+1}
+
+
+def _cosines(x: Tensor) -> Tensor:
+    return torch.cos(math.pi * x).sum(-1)  # Σ_i cos(π x_i)
+
+
+PROBLEMS = {
+    "cosines": Problem("u* = Σ cos(π x_i)", _cosines, lambda x: math.pi**2 * _cosines(x), math.pi**2),
+    "sines": Problem("u* = Σ sin(π x_i)", _sines, lambda x: math.pi**2 * _sines(x), math.pi**2),
+    "products": Problem("u* = Σ x_{2i} x_{2i+1}", _products, lambda x: x.new_zeros(x.shape[:-1]), 1.0),
+}
 
 
 def sample_points(
@@ -53,24 +76,31 @@ def sample_points(
     return interior, boundary
 
 
-def poisson_loss(model: BackpropMLP, interior: Tensor, boundary: Tensor) -> Tensor:
-    """Mean squared residual (Δu + f) / π² over the interior plus mean squared error u - g on the boundary."""
+def poisson_loss(model: BackpropMLP, problem: Problem, interior: Tensor, boundary: Tensor) -> Tensor:
+    """Mean squared residual (Δu + f) / s over the interior plus mean squared error u - g on the boundary."""
     lap = laplacian(model, interior).operator[:, 0]
-    residual = (lap + source(interior)) / math.pi**2  # in units of u: f is π² times u*'s size
-    return residual.square().mean() + (model(boundary)[:, 0] - exact(boundary)).square().mean()
+    residual = (lap + problem.source(interior)) / problem.scale
+    return residual.square().mean() + (model(boundary)[:, 0] - problem.exact(boundary)).square().mean()
 
 
-def relative_error(model: BackpropMLP, dim: int, count: int = 4096, seed: int = 1) -> float:
+def relative_error(model: BackpropMLP, problem: Problem, dim: int, count: int = 4096, seed: int = 1) -> float:
     """‖u - u*‖ / ‖u*‖ over ``count`` fresh uniform points of [0, 1]^dim."""
     dtype = model.layers[0].weight.dtype
     x = torch.rand(count, dim, generator=torch.Generator().manual_seed(seed), dtype=dtype)
     with torch.no_grad():
-        error = model(x)[:, 0] - exact(x)
-    return (error.norm() / exact(x).norm()).item()
+        error = model(x)[:, 0] - problem.exact(x)
+    return (error.norm() / problem.exact(x).norm()).item()
 
 
 def train(
-    model: BackpropMLP, dim: int, steps: int, points: int, lr: float, seed: int, log_every: int = 0
+    model: BackpropMLP,
+    problem: Problem,
+    dim: int,
+    steps: int,
+    points: int,
+    lr: float,
+    seed: int,
+    log_every: int = 0,
 ) -> list[float]:
     """Adam with a cosine schedule on fresh points each step (drawn from ``seed``); the losses."""
     generator = torch.Generator().manual_seed(seed)
@@ -81,13 +111,13 @@ def train(
     for step in range(steps):
         interior, boundary = sample_points(dim, points, generator, dtype)
         optimizer.zero_grad()
-        loss = poisson_loss(model, interior, boundary)
+        loss = poisson_loss(model, problem, interior, boundary)
         loss.backward()
         optimizer.step()
         schedule.step()
         losses.append(loss.item())
         if log_every and (step % log_every == 0 or step == steps - 1):
-            error = relative_error(model, dim)
+            error = relative_error(model, problem, dim)
             print(f"step {step:5d}  loss {loss.item():.3e}  relative L2 error {error:.2e}")
     return losses
 
@@ -107,6 +137,7 @@ def laplacian_check(model: BackpropMLP, dim: int, count: int = 16) -> float:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dim", type=int, default=10, help="d, the dimension of the domain")
+    parser.add_argument("--solution", choices=list(PROBLEMS), default="cosines")
     parser.add_argument("--hidden", type=int, nargs="+", default=[64, 64, 64])
     parser.add_argument("--activation", default="tanh")
     parser.add_argument("--steps", type=int, default=3000)
@@ -118,17 +149,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.dim < 1 or args.steps < 0 or args.points < 1:
         given = f"{args.dim}, {args.steps}, {args.points}"
         parser.error(f"expected --dim >= 1, --steps >= 0, --points >= 1, got {given}")
+    if args.solution == "products" and args.dim % 2:
+        parser.error(f"--solution products pairs the coordinates: expected an even --dim, got {args.dim}")
+    problem = PROBLEMS[args.solution]
     dtype = torch.float64 if args.float64 else torch.float32
     torch.manual_seed(args.seed)
     model = BackpropMLP([args.dim, *args.hidden, 1], args.activation, dtype=dtype)
-    print(f"Poisson on [0, 1]^{args.dim}, u* = Σ sin(π x_i); BackpropMLP {model.sizes} {args.activation}")
+    print(f"Poisson on [0, 1]^{args.dim}, {problem.name}; BackpropMLP {model.sizes} {args.activation}")
     start = time.perf_counter()
-    losses = train(model, args.dim, args.steps, args.points, args.lr, args.seed, max(args.steps // 6, 1))
+    log_every = max(args.steps // 6, 1)
+    losses = train(model, problem, args.dim, args.steps, args.points, args.lr, args.seed, log_every)
     seconds = time.perf_counter() - start
+    error = relative_error(model, problem, args.dim)
     print(
-        f"final loss {losses[-1] if losses else float('nan'):.3e}; relative L2 error "
-        f"{relative_error(model, args.dim):.3e} on 4096 fresh points; {seconds:.1f} s "
-        f"({1e3 * seconds / max(args.steps, 1):.2f} ms a step)"
+        f"final loss {losses[-1] if losses else float('nan'):.3e}; relative L2 error {error:.3e} on 4096 "
+        f"fresh points; {seconds:.1f} s ({1e3 * seconds / max(args.steps, 1):.2f} ms a step)"
     )
     check = laplacian_check(model, args.dim)
     print(f"Δu against torch.func.hessian of the native twin: max difference {check:.1e}")

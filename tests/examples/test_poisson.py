@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from _train_helpers import load_example
 from conftest import GRAD_TOLERANCE, assert_close
@@ -10,11 +11,13 @@ from torch.func import hessian, vmap
 F64 = GRAD_TOLERANCE[torch.float64]
 
 
-def test_the_source_is_minus_the_laplacian_of_the_exact_solution():
+@pytest.mark.parametrize("solution", ["cosines", "sines", "products"])
+def test_the_source_is_minus_the_laplacian_of_the_exact_solution(solution):
     example = load_example("poisson")
+    problem = example.PROBLEMS[solution]
     x = torch.rand(6, 4, dtype=torch.float64)
-    hessians = vmap(hessian(example.exact))(x)
-    assert_close(example.source(x), -hessians.diagonal(dim1=-2, dim2=-1).sum(-1), (1e-12, 1e-12), "f")
+    hessians = vmap(hessian(problem.exact))(x)
+    assert_close(problem.source(x), -hessians.diagonal(dim1=-2, dim2=-1).sum(-1), (1e-12, 1e-12), "f")
     _, boundary = example.sample_points(4, 32, torch.Generator().manual_seed(0), torch.float64)
     on_a_face = ((boundary == 0) | (boundary == 1)).any(1)
     assert bool(on_a_face.all())
@@ -22,13 +25,14 @@ def test_the_source_is_minus_the_laplacian_of_the_exact_solution():
 
 def test_the_loss_and_its_gradients_equal_the_twins_by_torch_func():
     example = load_example("poisson")
+    problem = example.PROBLEMS["sines"]
     model = example.BackpropMLP([3, 8, 8, 1], "tanh", dtype=torch.float64)
     twin = model.to_sequential()
     interior, boundary = example.sample_points(3, 16, torch.Generator().manual_seed(1), torch.float64)
-    loss = example.poisson_loss(model, interior, boundary)
+    loss = example.poisson_loss(model, problem, interior, boundary)
     lap = vmap(hessian(lambda p: twin(p)[0]))(interior).diagonal(dim1=-2, dim2=-1).sum(-1)
-    residual = (lap + example.source(interior)) / torch.pi**2
-    ref = residual.square().mean() + (twin(boundary)[:, 0] - example.exact(boundary)).square().mean()
+    residual = (lap + problem.source(interior)) / torch.pi**2
+    ref = residual.square().mean() + (twin(boundary)[:, 0] - problem.exact(boundary)).square().mean()
     assert_close(loss, ref, F64, "loss")
     grads = torch.autograd.grad(loss, list(model.parameters()))
     ref_grads = torch.autograd.grad(ref, list(twin.parameters()))
@@ -39,10 +43,12 @@ def test_the_loss_and_its_gradients_equal_the_twins_by_torch_func():
 def test_a_short_run_learns_and_prints_its_error(capsys):
     example = load_example("poisson")
     torch.manual_seed(0)
+    problem = example.PROBLEMS["sines"]
     model = example.BackpropMLP([2, 16, 16, 1], "tanh")
-    before = example.relative_error(model, 2)
-    losses = example.train(model, 2, steps=150, points=64, lr=1e-2, seed=0)
-    assert losses[-1] < losses[0] and example.relative_error(model, 2) < before
+    before = example.relative_error(model, problem, 2)
+    losses = example.train(model, problem, 2, steps=150, points=64, lr=1e-2, seed=0)
+    assert losses[-1] < losses[0] and example.relative_error(model, problem, 2) < before
     assert example.main(["--dim", "3", "--steps", "2", "--points", "8", "--hidden", "8"]) == 0
+    assert example.main(["--dim", "4", "--solution", "products", "--steps", "2", "--points", "8"]) == 0
     out = capsys.readouterr().out
-    assert "relative L2 error" in out and "torch.func.hessian" in out
+    assert "relative L2 error" in out and "torch.func.hessian" in out and "x_{2i}" in out
