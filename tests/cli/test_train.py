@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import urllib.error
 from pathlib import Path
@@ -12,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision.datasets.mnist
-from _train_helpers import ROOT, write_synthetic_mnist
+from _train_helpers import torchrun_two_processes, write_synthetic_mnist
 
 from torch_backprop import BackpropMLP
 from torch_backprop.cli import main, run_folder
@@ -254,17 +252,7 @@ def test_two_processes_equal_one_on_the_same_global_batch(tmp_path):
         "--lr",
         "0.1",
     ]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env["OMP_NUM_THREADS"] = "1"
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    result = subprocess.run(
-        [*torchrun, "-m", "torch_backprop", "train", *common, "--out", str(tmp_path / "two")],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=env,
-        timeout=300,
-    )
+    result = torchrun_two_processes(["train", *common, "--out", str(tmp_path / "two")])
     assert result.returncode == 0, result.stderr[-3000:]
     assert metrics(tmp_path / "two")["config"]["world_size"] == 2
     assert main(["train", *common, "--out", str(tmp_path / "one")]) == 0

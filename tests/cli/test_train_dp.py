@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
 import sys
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
-from _train_helpers import ROOT
+from _train_helpers import torchrun_two_processes
 
 from torch_backprop import BackpropMLP
-from torch_backprop.cli import main, private, run_folder, train
+from torch_backprop.cli import main, private, run_folder
 
 opacus = pytest.importorskip("opacus")
 from opacus.accountants import create_accountant  # noqa: E402
@@ -154,14 +152,6 @@ def test_the_twin_through_opacus_takes_the_same_steps(tmp_path):
         assert not torch.equal(runs["manual"][name], untrained[name])
 
 
-@pytest.fixture
-def no_data(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("data was loaded before the options were checked")
-
-    monkeypatch.setattr(train, "_load_data", refuse)
-
-
 @pytest.mark.parametrize(
     "options, message",
     [
@@ -239,17 +229,7 @@ def test_two_processes_take_the_one_process_dp_steps(tmp_path):
     # torchrun: every process draws the same global Poisson batch and takes half; dp_sgd_step sums the
     # clipped sums and draws the noise once, so the parameters equal those of one process.
     common = [*FAKE, "--epochs", "2", "--dp", "--noise-multiplier", "1.0", "--accountant", "rdp"]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env["OMP_NUM_THREADS"] = "1"
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    result = subprocess.run(
-        [*torchrun, "-m", "torch_backprop", *common, "--out", str(tmp_path / "two")],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=env,
-        timeout=300,
-    )
+    result = torchrun_two_processes([*common, "--out", str(tmp_path / "two")])
     assert result.returncode == 0, result.stderr[-3000:]
     assert main([*common, "--out", str(tmp_path / "one")]) == 0
     one = torch.load(tmp_path / "one" / "model.pt", weights_only=True)

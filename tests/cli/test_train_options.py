@@ -27,16 +27,6 @@ def command(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.fixture
-def no_data(monkeypatch):
-    """Loading data fails the test: every refusal here must come before it."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("data was loaded before the options were checked")
-
-    monkeypatch.setattr(train, "_load_data", refuse)
-
-
 @pytest.mark.parametrize(
     "option, value, expected",
     [
