@@ -88,3 +88,14 @@ def assert_matches_native(
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def no_data(monkeypatch):
+    """Loading data fails the test: every refusal of the command's options must come before it."""
+    from torch_backprop.cli import train
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("data was loaded before the options were checked")
+
+    monkeypatch.setattr(train, "_load_data", refuse)
