@@ -74,7 +74,7 @@ class Coefficients(NamedTuple):
     drift: Tensor | None = None
 
 
-def quadratic_form(dz: Tensor, c: Coefficients, lean: bool = False) -> tuple[Tensor, Tensor]:
+def quadratic_form(dz: Tensor, c: Coefficients, lean: bool) -> tuple[Tensor, Tensor]:
     """``(q, C ∂z)``: q = Σ_jk C_jk ∂_j z ⊙ ∂_k z (N or 1, n) and C ∂z (K, N or 1, n), for TY4 and TA2."""
     if c.matrix is not None:
         if c.matrix.dim() == 2:
@@ -89,7 +89,7 @@ def quadratic_form(dz: Tensor, c: Coefficients, lean: bool = False) -> tuple[Ten
     return sum_of_products(dz, c_dz, lean), c_dz
 
 
-def sum_of_products(a: Tensor, b: Tensor, lean: bool = True) -> Tensor:
+def sum_of_products(a: Tensor, b: Tensor, lean: bool) -> Tensor:
     """Σ_k a_k ⊙ b_k over the first dimension.
 
     ``lean`` (no autograd): a loop of fused multiply-adds, which never materialises the K products
@@ -261,7 +261,7 @@ def taylor_backward(
         if layer.sigma_from is not None:  # σ = identity leaves [z̄; ∂z̄; Dz̄] = [h̄; ∂h̄; Dh̄]
             h_bar, dh_bar, Dh_bar = bar[0], bar[1:-1], bar[-1]
             if layer.sigma_second is not None:  # the σ'' and σ''' terms read Dh̄ and ∂h̄ before TA1-TA3
-                a1_bar = sum_of_products(dh_bar, layer.dz)  # Σ_k ∂h̄_k ⊙ ∂_k z, (N, n_{k+1})
+                a1_bar = sum_of_products(dh_bar, layer.dz, lean=True)  # Σ_k ∂h̄_k ⊙ ∂_k z, (N, n_{k+1})
                 if layer.Dz is not None:
                     a1_bar.addcmul_(Dh_bar, layer.Dz)  # + Dh̄ ⊙ Dz
                 third_bar = (act.third_derivative(layer.sigma_from) * layer.q).mul_(Dh_bar)  # σ''' ⊙ q ⊙ Dh̄
