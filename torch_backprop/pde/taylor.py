@@ -50,7 +50,15 @@ from torch import Tensor
 
 from ..core.activations import Activation, zero_second_derivative
 
-__all__ = ["Coefficients", "LayerTape", "quadratic_form", "taylor_backward", "taylor_forward"]
+__all__ = [
+    "Coefficients",
+    "LayerTape",
+    "activation_adjoints",
+    "layer_outputs",
+    "quadratic_form",
+    "taylor_backward",
+    "taylor_forward",
+]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,6 +242,28 @@ def taylor_forward(
 # The backward phase (TA1-TA5): the adjoint recursion of the forward phase above.
 
 
+def activation_adjoints(act: Activation, layer: LayerTape, bar: Tensor) -> None:
+    """TA1-TA3 at one layer, in place: ``bar`` [h̄; ∂h̄; Dh̄] (K+2, N, n) becomes [z̄; ∂z̄; Dz̄].
+
+    Each point's column of ``bar`` depends on that point's column alone (σ', σ'', σ''' and C ∂z
+    are per point), which makes the per-point residual Jacobian of
+    :mod:`torch_backprop.pde.residual` a by-product of this recursion.
+    """
+    if layer.sigma_from is None:  # σ = identity leaves [z̄; ∂z̄; Dz̄] = [h̄; ∂h̄; Dh̄]
+        return
+    h_bar, dh_bar, Dh_bar = bar[0], bar[1:-1], bar[-1]
+    if layer.sigma_second is not None:  # the σ'' and σ''' terms read Dh̄ and ∂h̄ before TA1-TA3
+        a1_bar = sum_of_products(dh_bar, layer.dz, lean=True)  # Σ_k ∂h̄_k ⊙ ∂_k z, (N, n)
+        if layer.Dz is not None:
+            a1_bar.addcmul_(Dh_bar, layer.Dz)  # + Dh̄ ⊙ Dz
+        third_bar = (act.third_derivative(layer.sigma_from) * layer.q).mul_(Dh_bar)  # σ''' ⊙ q ⊙ Dh̄
+        second_bar = layer.sigma_second * Dh_bar  # σ'' ⊙ Dh̄
+    bar.mul_(layer.sigma_prime)  # TA1-TA3: σ' ⊙ [h̄; ∂h̄; Dh̄]
+    if layer.sigma_second is not None:
+        h_bar.addcmul_(layer.sigma_second, a1_bar).add_(third_bar)  # TA3
+        dh_bar.addcmul_(second_bar, layer.c_dz, value=2)  # TA2
+
+
 def taylor_backward(
     x: Tensor,
     activations: Sequence[Activation],
@@ -257,20 +287,8 @@ def taylor_backward(
     h_bar, dh_bar, Dh_bar = output_bars
     bar = torch.cat([h_bar.unsqueeze(0), dh_bar, Dh_bar.unsqueeze(0)])  # [h̄; ∂h̄; Dh̄]^(L)
     for k in reversed(range(depth)):
-        act, layer = activations[k], tape[k]
-        if layer.sigma_from is not None:  # σ = identity leaves [z̄; ∂z̄; Dz̄] = [h̄; ∂h̄; Dh̄]
-            h_bar, dh_bar, Dh_bar = bar[0], bar[1:-1], bar[-1]
-            if layer.sigma_second is not None:  # the σ'' and σ''' terms read Dh̄ and ∂h̄ before TA1-TA3
-                a1_bar = sum_of_products(dh_bar, layer.dz, lean=True)  # Σ_k ∂h̄_k ⊙ ∂_k z, (N, n_{k+1})
-                if layer.Dz is not None:
-                    a1_bar.addcmul_(Dh_bar, layer.Dz)  # + Dh̄ ⊙ Dz
-                third_bar = (act.third_derivative(layer.sigma_from) * layer.q).mul_(Dh_bar)  # σ''' ⊙ q ⊙ Dh̄
-                second_bar = layer.sigma_second * Dh_bar  # σ'' ⊙ Dh̄
-            bar.mul_(layer.sigma_prime)  # TA1-TA3: σ' ⊙ [h̄; ∂h̄; Dh̄]
-            if layer.sigma_second is not None:
-                h_bar.addcmul_(layer.sigma_second, a1_bar).add_(third_bar)  # TA3
-                dh_bar.addcmul_(second_bar, layer.c_dz, value=2)  # TA2
-        z_bar = bar[0]  # bar is now [z̄; ∂z̄; Dz̄], (K+2, N, n_{k+1})
+        activation_adjoints(activations[k], tape[k], bar)  # TA1-TA3: bar is now [z̄; ∂z̄; Dz̄]
+        z_bar = bar[0]  # z̄, (N, n_{k+1})
         grad_biases[k] = z_bar.sum(0)  # TA4
         if k > 0:
             inputs = layer_outputs(tape[k - 1], bar.shape[1], lean=True)  # [h; ∂h; Dh]^(k) again (TY3-TY4)
