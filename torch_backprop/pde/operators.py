@@ -20,7 +20,7 @@ from ..core.module import BackpropMLP
 from .function import taylor_derivatives
 from .taylor import Coefficients
 
-__all__ = ["InputDerivatives", "input_derivatives", "laplacian"]
+__all__ = ["InputDerivatives", "checked_operator", "input_derivatives", "laplacian"]
 
 
 class InputDerivatives(NamedTuple):
@@ -99,7 +99,35 @@ def input_derivatives(
         >>> grad.shape, u_ss.shape
         (torch.Size([256, 1, 1]), torch.Size([256, 1]))
     """
-    caller = "input_derivatives"
+    weights, biases, c = checked_operator(
+        model, input, "input_derivatives", coordinates, diagonal, matrix, drift
+    )
+    leading = input.shape[:-1]
+    x = input.reshape(-1, input.shape[-1])
+    u, du, Du = taylor_derivatives(x, model.activations, weights, biases, c)
+    du = du.permute(1, 2, 0)  # (K, N, H_out) -> (N, H_out, K)
+    if input.dim() == 2:
+        return InputDerivatives(u, du, Du)
+    out = u.shape[-1]
+    return InputDerivatives(
+        u.reshape(*leading, out), du.reshape(*leading, out, du.shape[-1]), Du.reshape(*leading, out)
+    )
+
+
+def checked_operator(
+    model: BackpropMLP,
+    input: Tensor,
+    caller: str,
+    coordinates: Sequence[int] | Tensor | None = None,
+    diagonal: Tensor | None = None,
+    matrix: Tensor | None = None,
+    drift: Tensor | None = None,
+) -> tuple[list[Tensor], list[Tensor | None], Coefficients]:
+    """The model's weights and biases and the checked :class:`Coefficients`, or one clear error.
+
+    Every check :func:`input_derivatives` documents, before anything is computed; ``caller`` names
+    the public function in the messages.
+    """
     if not isinstance(model, BackpropMLP):
         raise TypeError(f"{caller} expects a torch_backprop.BackpropMLP, got {type(model).__name__}")
     weights, biases = _parameters(model, caller)
@@ -117,17 +145,7 @@ def input_derivatives(
             f"{caller} needs σ'' of every activation; {', '.join(missing)} has none "
             "(register it with second_derivative=...)"
         )
-    leading = input.shape[:-1]
-    c = _coefficients(input, coordinates, diagonal, matrix, drift, caller)
-    x = input.reshape(-1, input.shape[-1])
-    u, du, Du = taylor_derivatives(x, model.activations, weights, biases, c)
-    du = du.permute(1, 2, 0)  # (K, N, H_out) -> (N, H_out, K)
-    if input.dim() == 2:
-        return InputDerivatives(u, du, Du)
-    out = u.shape[-1]
-    return InputDerivatives(
-        u.reshape(*leading, out), du.reshape(*leading, out, du.shape[-1]), Du.reshape(*leading, out)
-    )
+    return weights, biases, _coefficients(input, coordinates, diagonal, matrix, drift, caller)
 
 
 def laplacian(model: BackpropMLP, input: Tensor) -> InputDerivatives:
