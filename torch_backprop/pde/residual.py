@@ -103,7 +103,7 @@ class ResidualTape:
 
     @torch.no_grad()
     def evaluate(self) -> Tensor:
-        """r at the model's current parameters, at the tape's points: one forward pass, no tape."""
+        """The residuals at the model's current parameters and the tape's points (a forward pass only)."""
         return _residual_values(self.model, self.points, self.function, self.order, self.coefficients)[0]
 
     # -- J, column blocks ----------------------------------------------------------------------
@@ -193,8 +193,10 @@ def residual_jacobian(
             (``value`` (N, n_L), ``gradient`` (N, n_L, K), ``operator`` (N, n_L); with ``order=0``
             only ``value``).
         order: 2 (value, gradient and operator: an interior term) or 0 (the value alone).
-        coordinates, diagonal, matrix, drift: the operator D, as for ``input_derivatives``
-            (``order=2`` only).
+        coordinates: the K coordinates of D's second derivatives, as for ``input_derivatives``.
+        diagonal: C's diagonal, as for ``input_derivatives`` (``order=2`` only, as the others).
+        matrix: C, as for ``input_derivatives``.
+        drift: D's first-order coefficients b, as for ``input_derivatives``.
         weight: w in the term's loss ½ mean_n w_n r_n²: a positive float or a non-negative ``(N,)``
             tensor.
 
@@ -217,13 +219,25 @@ def residual_jacobian(
     """
     caller = "residual_jacobian"
     if order not in (0, 2):
-        raise ValueError(f"{caller} expects order 0 (the value) or 2 (value, gradient, operator), got {order!r}")
+        raise ValueError(
+            f"{caller} expects order 0 (the value) or 2 (value, gradient, operator), got {order!r}"
+        )
     if not callable(residual):
-        raise TypeError(f"{caller} expects residual to be a function (points, d) -> r, got {type(residual).__name__}")
+        raise TypeError(
+            f"{caller} expects residual to be a function (points, d) -> r, got {type(residual).__name__}"
+        )
     if isinstance(points, Tensor) and points.dim() != 2:
         raise ValueError(f"{caller} expects points of shape (N, d), got {tuple(points.shape)}")
     if order == 0:
-        given = [n for n, a in zip(("coordinates", "diagonal", "matrix", "drift"), (coordinates, diagonal, matrix, drift), strict=True) if a is not None]
+        given = [
+            n
+            for n, a in zip(
+                ("coordinates", "diagonal", "matrix", "drift"),
+                (coordinates, diagonal, matrix, drift),
+                strict=True,
+            )
+            if a is not None
+        ]
         if given:
             raise ValueError(f"{caller} with order=0 takes no operator, got {', '.join(given)}")
     weights, biases, c = checked_operator(model, points, caller, coordinates, diagonal, matrix, drift)
