@@ -23,7 +23,8 @@ from .firstorder.clipping import AdaptiveClipping
 from .firstorder.dp_sgd import dp_sgd_step
 from .firstorder.noise import GaussianNoise
 from .firstorder.per_sample import per_sample
-from .pde import input_derivatives, laplacian
+from .optim import ENGD
+from .pde import input_derivatives, laplacian, residual_jacobian
 from .secondorder.curvature import curvature
 from .secondorder.products import ggn_vector_product
 
@@ -31,6 +32,7 @@ __all__ = [
     "Activation",
     "AdaptiveClipping",
     "BackpropMLP",
+    "ENGD",
     "GaussianNoise",
     "MLPFunction",
     "activations",
@@ -45,6 +47,7 @@ __all__ = [
     "pde",
     "per_sample",
     "register_activation",
+    "residual_jacobian",
     "testing",
 ]
 
