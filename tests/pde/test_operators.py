@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _pde_helpers import coefficient_cases, reference
+from _pde_reference import coefficient_cases, reference
 from conftest import GRAD_TOLERANCE, OUTPUT_TOLERANCE, assert_close
 from hypothesis import given, settings
 from hypothesis import strategies as st

@@ -1,7 +1,7 @@
 """residual_jacobian (RJ1-RJ5) against torch.func.jacrev of the residual vector on the native twin.
 
 The reference is independent: the residual is computed from u, ∂u and D u of ``to_sequential()``
-by torch.func (jacrev and hessian per point, tests/pde/_pde_helpers.py), and its Jacobian in the
+by torch.func (jacrev and hessian per point, tests/_pde_reference.py), and its Jacobian in the
 parameters by ``torch.func.jacrev`` through all of that (nested autograd). float64.
 """
 
@@ -11,12 +11,10 @@ import math
 
 import pytest
 import torch
-from _pde_helpers import coefficient_cases, reference
+from _pde_reference import coefficient_cases, reference_jacobian
 from conftest import GRAD_TOLERANCE, OUTPUT_TOLERANCE, assert_close
-from torch.func import functional_call, jacrev
 
 from torch_backprop import BackpropMLP, available_activations, residual_jacobian
-from torch_backprop.pde import InputDerivatives
 
 F64_OUT, F64 = OUTPUT_TOLERANCE[torch.float64], GRAD_TOLERANCE[torch.float64]
 SECOND_ORDER = [a for a in available_activations() if a not in ("identity",)]
@@ -33,23 +31,6 @@ def poisson(x, d):
 
 def boundary(x, d):
     return d.value[:, 0] ** 3 - x[:, 0]
-
-
-def reference_jacobian(model, x, residual, order, coordinates=None, matrix=None, drift=None):
-    """(r, J (N, D)) by torch.func on the twin: J = jacrev of the residual vector in the parameters."""
-    twin = model.to_sequential()
-    names = [n for n, p in twin.named_parameters() if p.requires_grad]
-    frozen = {n: p.detach() for n, p in twin.named_parameters() if not p.requires_grad}
-
-    def residuals(params):
-        params = {**params, **frozen}
-        if order == 0:
-            return residual(x, InputDerivatives(functional_call(twin, params, (x,)), None, None))
-        return residual(x, InputDerivatives(*reference(twin, x, coordinates, matrix, params, drift)))
-
-    params = {n: p.detach() for n, p in twin.named_parameters() if p.requires_grad}
-    jac = jacrev(residuals)(params)
-    return residuals(params), torch.cat([jac[n].flatten(1) for n in names], 1)
 
 
 def assert_tape_matches(tape, r, J, seed=0):

@@ -1,9 +1,11 @@
-"""The torch.func reference of the PDE tests: u, ∂u and D u of the native twin, and the coefficient cases."""
+"""The torch.func reference of the PDE tests: u, ∂u, D u and a residual's Jacobian on the native twin."""
 
 from __future__ import annotations
 
 import torch
 from torch.func import functional_call, hessian, jacrev, vmap
+
+from torch_backprop.pde import InputDerivatives
 
 
 def reference(twin, x, coordinates, matrix, params=None, drift=None):
@@ -50,3 +52,20 @@ def coefficient_cases(rows, count, dtype, dim=None):
             torch.diag_embed(per_point_diagonal),
         ),
     }
+
+
+def reference_jacobian(model, x, residual, order, coordinates=None, matrix=None, drift=None):
+    """(r, J (N, D)) by torch.func on the twin: J = jacrev of the residual vector in the parameters."""
+    twin = model.to_sequential()
+    names = [n for n, p in twin.named_parameters() if p.requires_grad]
+    frozen = {n: p.detach() for n, p in twin.named_parameters() if not p.requires_grad}
+
+    def residuals(params):
+        params = {**params, **frozen}
+        if order == 0:
+            return residual(x, InputDerivatives(functional_call(twin, params, (x,)), None, None))
+        return residual(x, InputDerivatives(*reference(twin, x, coordinates, matrix, params, drift)))
+
+    params = {n: p.detach() for n, p in twin.named_parameters() if p.requires_grad}
+    jac = jacrev(residuals)(params)
+    return residuals(params), torch.cat([jac[n].flatten(1) for n in names], 1)

@@ -1,0 +1,260 @@
+"""ENGD (EN1-EN3, LS1-LS3) against a dense reference: J by torch.func.jacrev on the twin, torch.linalg.solve.
+
+The reference never uses the optimiser's own pieces: the stacked residuals and Jacobian come from
+tests/_pde_reference.py (nested autograd on ``to_sequential()``), the step from
+``torch.linalg.solve`` of the damped Gauss–Newton system, the line search from the loss of the twin
+at every grid point.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+from _pde_reference import reference_jacobian
+from conftest import GRAD_TOLERANCE, assert_close
+
+from torch_backprop import ENGD, BackpropMLP, residual_jacobian
+
+F64 = GRAD_TOLERANCE[torch.float64]
+EYE2 = torch.eye(2, dtype=torch.float64)
+
+
+def interior(x, d):  # −Δu = f for u* = Π sin(π x_i)
+    return -d.operator[:, 0] - 2 * math.pi**2 * torch.sin(math.pi * x).prod(-1)
+
+
+def boundary(x, d):
+    return d.value[:, 0] - torch.sin(math.pi * x).prod(-1)
+
+
+def problem(n_interior, n_boundary, hidden=6, dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
+    model = BackpropMLP([2, hidden, 1], "tanh", dtype=dtype)
+    g = torch.Generator().manual_seed(seed + 1)
+    x_in = torch.rand(n_interior, 2, generator=g, dtype=dtype)
+    x_bd = torch.rand(n_boundary, 2, generator=g, dtype=dtype)  # on the edges of [0, 1]²
+    x_bd[torch.arange(n_boundary), torch.randint(2, (n_boundary,), generator=g)] = torch.randint(
+        2, (n_boundary,), generator=g
+    ).to(dtype)
+    return model, x_in, x_bd
+
+
+def closure_of(model, x_in, x_bd, weights=(1.0, 1.0)):
+    return lambda: [
+        residual_jacobian(model, x_in, interior, weight=weights[0]),
+        residual_jacobian(model, x_bd, boundary, order=0, weight=weights[1]),
+    ]
+
+
+def dense_system(model, x_in, x_bd, weights=(1.0, 1.0)):
+    """(J̃, r̃) by torch.func in float64: rows scaled by √(w / N) (LS1)."""
+    model64 = copy.deepcopy(model).double()
+    r_in, J_in = reference_jacobian(model64, x_in.double(), interior, 2, [0, 1], EYE2)
+    r_bd, J_bd = reference_jacobian(model64, x_bd.double(), boundary, 0)
+    s_in, s_bd = math.sqrt(weights[0] / len(x_in)), math.sqrt(weights[1] / len(x_bd))
+    return torch.cat([s_in * J_in, s_bd * J_bd]), torch.cat([s_in * r_in, s_bd * r_bd])
+
+
+def dense_step(J, r, damping):
+    """Δ = −(J̃ᵀJ̃ + λI)⁻¹ J̃ᵀ r̃, by torch.linalg.solve."""
+    return -torch.linalg.solve(J.t() @ J + damping * torch.eye(J.shape[1], dtype=J.dtype), J.t() @ r)
+
+
+def assert_step_close(actual, expected, theta0, J, damping, name, dtype=torch.float64):
+    """θ0 + Δ against the reference, to the accuracy a solve allows: ‖δΔ‖ ≤ 10 κ ε ‖Δ‖ (κ: the damped
+    Gramian's condition number, ε: the unit roundoff of the residuals' ``dtype``), the 10 for the two
+    factorisations."""
+    gramian = J.t() @ J + damping * torch.eye(J.shape[1], dtype=J.dtype)
+    kappa = float(torch.linalg.cond(gramian))
+    step, reference = actual - theta0, expected - theta0
+    bound = 10 * kappa * torch.finfo(dtype).eps * float(reference.norm()) + 1e-14
+    error = float((step - reference).norm())
+    assert error <= bound, f"{name}: |δΔ| = {error:.2e} > {bound:.2e} (κ = {kappa:.1e})"
+
+
+def flat(model):
+    return torch.cat([p.detach().double().flatten() for p in model.parameters()])
+
+
+def loss_at(model, x_in, x_bd, theta, weights=(1.0, 1.0)):
+    """L(θ) of the twin at flat parameters θ, by torch.func (independent of the tapes)."""
+    probe = copy.deepcopy(model).double()
+    torch.nn.utils.vector_to_parameters(theta, probe.parameters())
+    _, r = dense_system(probe, x_in, x_bd, weights)
+    return 0.5 * r.square().sum()
+
+
+@pytest.mark.parametrize("space", ["parameters", "residuals", "auto"])
+@pytest.mark.parametrize("points", [(30, 10), (8, 4)], ids=["N>D", "N<D"])
+def test_one_step_equals_the_dense_gauss_newton_step(space, points):
+    model, x_in, x_bd = problem(*points)
+    J, r = dense_system(model, x_in, x_bd, (2.0, 0.5))
+    damping, theta0 = 1e-6, flat(model)
+    expected = theta0 + 0.7 * dense_step(J, r, damping)
+    optimizer = ENGD(model.parameters(), lr=0.7, damping=damping, line_search_fn=None, solve_in=space)
+    loss = optimizer.step(closure_of(model, x_in, x_bd, (2.0, 0.5)))
+    assert_close(loss, 0.5 * r.square().sum(), F64, "loss before the step")
+    assert_step_close(flat(model), expected, theta0, J, damping, "θ after the step")
+    state = optimizer.state["engd"]
+    assert state["step"] == 1 and state["lr"] == 0.7 and state["damping"] == damping
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_momentum_is_heavy_ball_on_the_update():
+    model, x_in, x_bd = problem(30, 10)
+    probe = copy.deepcopy(model)
+    optimizer = ENGD(model.parameters(), lr=0.5, momentum=0.9, damping=1e-6, line_search_fn=None)
+    closure = closure_of(model, x_in, x_bd)
+    optimizer.step(closure)
+    theta1 = flat(model)
+    optimizer.step(closure)
+    # reference: u1 = η Δ(θ0), u2 = η Δ(θ1) + μ u1
+    J0, r0 = dense_system(probe, x_in, x_bd)
+    u1 = 0.5 * dense_step(J0, r0, 1e-6)
+    torch.nn.utils.vector_to_parameters(theta1, probe.parameters())
+    J1, r1 = dense_system(probe, x_in, x_bd)
+    u2 = 0.5 * dense_step(J1, r1, 1e-6) + 0.9 * u1
+    assert_step_close(flat(model), theta1 + u2, theta1, J1, 1e-6, "θ2")
+    assert_step_close(optimizer.state["engd"]["update"], u2, 0 * u2, J1, 1e-6, "u2")
+
+
+def test_the_grid_line_search_takes_the_lowest_loss_on_the_grid():
+    model, x_in, x_bd = problem(30, 10)
+    grid = [2.0**-k for k in range(8, -1, -1)]
+    theta0 = flat(model)
+    J, r = dense_system(model, x_in, x_bd)
+    step = dense_step(J, r, 1e-3)
+    losses = torch.stack([loss_at(model, x_in, x_bd, theta0 + eta * step) for eta in grid])
+    assert losses.min() < 0.5 * r.square().sum() and losses.argmin() != len(grid) - 1  # an inner minimum
+    best = grid[int(losses.argmin())]
+    optimizer = ENGD(model.parameters(), damping=1e-3, grid=grid)
+    optimizer.step(closure_of(model, x_in, x_bd))
+    assert optimizer.state["engd"]["lr"] == best
+    assert_step_close(flat(model), theta0 + best * step, theta0, J, 1e-3, "θ after the line search")
+
+
+def test_a_step_that_raises_the_loss_everywhere_on_the_grid_is_skipped():
+    model, x_in, x_bd = problem(30, 10)
+    theta0 = flat(model)
+    optimizer = ENGD(model.parameters(), grid=[1e6, 1e7])
+    with pytest.warns(RuntimeWarning, match="no step size .* lowers the loss"):
+        optimizer.step(closure_of(model, x_in, x_bd))
+    assert torch.equal(flat(model), theta0)
+    state = optimizer.state["engd"]
+    assert state["lr"] == 0 and state["skipped"] == 1 and torch.count_nonzero(state["update"]) == 0
+
+
+def test_a_singular_kernel_raises_the_damping_once_and_says_so():
+    model, x_in, _ = problem(4, 1, hidden=8)
+    x_in = torch.cat([x_in, x_in])  # repeated points: J Jᵀ is singular
+    optimizer = ENGD(model.parameters(), damping=0.0, line_search_fn=None, lr=1e-3, solve_in="residuals")
+    closure = lambda: residual_jacobian(model, x_in, interior)  # noqa: E731
+    with pytest.warns(RuntimeWarning, match="not positive definite .* raised to") as caught:
+        optimizer.step(closure)
+        optimizer.step(closure)
+    assert sum("positive definite" in str(w.message) for w in caught) == 1
+    state = optimizer.state["engd"]
+    assert state["damping"] > 0 and state["damping_raised"] == 2
+    assert torch.isfinite(flat(model)).all()
+
+
+def test_non_finite_residuals_skip_the_step():
+    model, x_in, x_bd = problem(30, 10)
+    x_in[0, 0] = math.nan
+    theta0 = flat(model)
+    optimizer = ENGD(model.parameters())
+    with pytest.warns(RuntimeWarning, match="not finite; the step is skipped"):
+        optimizer.step(closure_of(model, x_in, x_bd))
+    assert torch.equal(flat(model), theta0) and optimizer.state["engd"]["skipped"] == 1
+
+
+def test_a_float32_model_is_solved_in_float64():
+    model, x_in, x_bd = problem(30, 10, dtype=torch.float32)
+    J, r = dense_system(model, x_in, x_bd)
+    theta0 = flat(model)
+    expected = theta0 + dense_step(J, r, 1e-2)
+    optimizer = ENGD(model.parameters(), damping=1e-2, line_search_fn=None)
+    optimizer.step(closure_of(model, x_in, x_bd))
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert optimizer.state["engd"]["update"].dtype == torch.float64
+    assert_step_close(flat(model), expected, theta0, J, 1e-2, "θ after a float32 step", torch.float32)
+
+
+def test_resume_from_state_dict_is_bitwise():
+    model, x_in, x_bd = problem(30, 10)
+    optimizer = ENGD(model.parameters(), lr=0.3, momentum=0.5, line_search_fn=None)
+    optimizer.step(closure_of(model, x_in, x_bd))
+    saved_model, saved = copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict())
+    optimizer.step(closure_of(model, x_in, x_bd))
+    resumed = copy.deepcopy(model)
+    resumed.load_state_dict(saved_model)
+    again = ENGD(resumed.parameters(), lr=0.3, momentum=0.5, line_search_fn=None)
+    again.load_state_dict(saved)
+    assert again.state["engd"]["update"].dtype == torch.float64
+    again.step(closure_of(resumed, x_in, x_bd))
+    assert torch.equal(flat(resumed), flat(model))
+
+
+def test_engd_solves_a_small_poisson_problem():
+    # Fixed points, the default grid line search: the loss falls by orders of magnitude in 30 steps.
+    model, x_in, x_bd = problem(100, 40, hidden=32)
+    optimizer = ENGD(model.parameters(), damping=1e-6)
+    closure = closure_of(model, x_in, x_bd)
+    first = optimizer.step(closure)
+    for _ in range(29):
+        last = optimizer.step(closure)
+    assert last < 1e-4 * first
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"lr": 0.0}, "lr to be a finite number > 0, got 0.0"),
+        ({"momentum": 1.0}, "momentum to be a finite number >= 0 and < 1, got 1.0"),
+        ({"damping": -1.0}, "damping to be a finite number >= 0, got -1.0"),
+        ({"damping": math.nan}, "damping"),
+        ({"line_search_fn": "strong_wolfe"}, "line_search_fn 'grid' or None, got 'strong_wolfe'"),
+        ({"grid": []}, "grid as a non-empty list"),
+        ({"grid": [0.5, -1.0]}, "grid as a non-empty list"),
+        ({"solve_in": "kernel"}, "solve_in one of auto, parameters, residuals, got 'kernel'"),
+    ],
+)
+def test_bad_hyperparameters(kwargs, match):
+    model, _, _ = problem(4, 2)
+    with pytest.raises(ValueError, match=match):
+        ENGD(model.parameters(), **kwargs)
+
+
+def test_bad_closures_and_parameter_groups():
+    model, x_in, x_bd = problem(8, 4)
+    optimizer = ENGD(model.parameters())
+    theta0 = flat(model)
+    with pytest.raises(TypeError, match="needs a closure"):
+        optimizer.step(None)
+    with pytest.raises(TypeError, match="got Tensor; a loss tensor carries no Jacobian"):
+        optimizer.step(lambda: closure_of(model, x_in, x_bd)()[0].loss())
+    with pytest.raises(ValueError, match="returned no terms"):
+        optimizer.step(lambda: [])
+    other = BackpropMLP([2, 6, 1], "tanh", dtype=torch.float64)
+    with pytest.raises(ValueError, match="optimises 4 parameter tensors, but term 0's Jacobian has 4 .4 not in"):
+        optimizer.step(lambda: residual_jacobian(other, x_in, interior))
+    partial = ENGD(list(model.parameters())[:2])
+    with pytest.raises(ValueError, match="optimises 2 parameter tensors, but term 0's Jacobian has 4"):
+        partial.step(closure_of(model, x_in, x_bd))
+    assert torch.equal(flat(model), theta0)
+    groups = [{"params": list(model.parameters())[:2]}, {"params": list(model.parameters())[2:]}]
+    with pytest.raises(ValueError, match="one parameter group, got 2"):
+        ENGD(groups)
+
+
+def test_no_warning_on_a_healthy_run():
+    model, x_in, x_bd = problem(30, 10)
+    optimizer = ENGD(model.parameters())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(3):
+            optimizer.step(closure_of(model, x_in, x_bd))
