@@ -21,6 +21,7 @@ SUBCOMMANDS = {
     "train": ("torch_backprop.cli.train", "train a BackpropMLP on a torchvision dataset"),
     "verify": ("torch_backprop.cli.verify", "check the manual backward against native autograd"),
     "bench": ("torch_backprop.cli.bench", "time a training step against autograd and torch.compile"),
+    "pinn": ("torch_backprop.cli.pinn", "train a physics-informed network on a reference PDE problem"),
 }
 
 
