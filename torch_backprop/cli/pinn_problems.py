@@ -111,6 +111,10 @@ def _scaled_norm(x: Tensor) -> Tensor:
     return x.square().sum(-1) / _NORM_SCALE  # ‖x‖² / 33.47; −Δ of it: −2d / 33.47
 
 
+def _norm_source(x: Tensor) -> Tensor:
+    return x.new_full(x.shape[:1], -2 * x.shape[1] / _NORM_SCALE)
+
+
 def _poisson(exact: Callable[[Tensor], Tensor], source: Callable[[Tensor], Tensor]) -> Callable[..., Tensor]:
     def residual(x: Tensor, d: InputDerivatives) -> Tensor:
         return -d.operator[:, 0] - source(x)  # r_Ω = −Δu − f
@@ -158,7 +162,7 @@ PROBLEMS: dict[str, Problem] = {
     ),
     "poisson100d": Problem(
         "Poisson on [0, 1]¹⁰⁰, u* = ‖x‖² / 33.47", 100, (768, 768, 512, 512), 3000, 1000, 100,
-        _scaled_norm, _poisson(_scaled_norm, lambda x: x.new_full(x.shape[:1], -2 * x.shape[1] / _NORM_SCALE)),
+        _scaled_norm, _poisson(_scaled_norm, _norm_source),
     ),
     "heat1d": Problem(
         "heat ∂_t u = ¼ Δu on [0, 1] × [0, 1], u* = exp(−π² t / 4) sin(π x)", 2, (64,), 3000, 500, 1,
