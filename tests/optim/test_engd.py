@@ -258,3 +258,23 @@ def test_no_warning_on_a_healthy_run():
         warnings.simplefilter("error")
         for _ in range(3):
             optimizer.step(closure_of(model, x_in, x_bd))
+
+
+@pytest.mark.parametrize("rows", [100, 1100, 4200])
+def test_lower_gram_is_the_lower_triangle_of_the_product(rows):
+    from torch_backprop.optim.least_squares import lower_gram
+
+    a = torch.randn(rows, 37, dtype=torch.float64)
+    for matrix in (a, a[:, :30].t()):  # rows × columns, and a transposed view (the Gramian's)
+        assert_close(lower_gram(matrix).tril(), (matrix @ matrix.t()).tril(), F64, "lower triangle of a aᵀ")
+
+
+def test_a_step_in_the_residual_space_with_many_points():
+    # N = 1108 > 1024: the kernel is assembled by blocks; D = 1601 > N for the Woodbury solve.
+    model, x_in, x_bd = problem(8, 1100, hidden=400)
+    theta0 = flat(model)
+    J, r = dense_system(model, x_in, x_bd)
+    expected = theta0 + dense_step(J, r, 1e-4)
+    optimizer = ENGD(model.parameters(), damping=1e-4, line_search_fn=None)
+    optimizer.step(closure_of(model, x_in, x_bd))
+    assert_step_close(flat(model), expected, theta0, J, 1e-4, "θ after a blocked kernel step")

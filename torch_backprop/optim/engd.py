@@ -29,6 +29,7 @@ from torch import Tensor
 from .least_squares import (
     DEFAULT_GRID,
     grid_line_search,
+    lower_gram,
     stacked_system,
     terms_from_closure,
     write_parameters,
@@ -174,9 +175,9 @@ class ENGD(torch.optim.Optimizer):
         if space == "auto":
             space = "residuals" if rows < columns else "parameters"
         if space == "residuals":
-            matrix, right = jacobian.mm(jacobian.t()), residual  # J̃ J̃ᵀ, r̃ (EN2)
+            matrix, right = lower_gram(jacobian), residual  # J̃ J̃ᵀ (lower triangle), r̃ (EN2)
         else:
-            matrix, right = jacobian.t().mm(jacobian), jacobian.t().mv(residual)  # J̃ᵀ J̃, ∇L (EN1)
+            matrix, right = lower_gram(jacobian.t()), jacobian.t().mv(residual)  # J̃ᵀ J̃, ∇L (EN1)
         damping = group["damping"]
         diagonal = matrix.diagonal()
         floor = 1e-15 * float(diagonal.mean()) if diagonal.numel() else 0.0

@@ -24,7 +24,14 @@ from torch import Tensor
 
 from ..pde.residual import ResidualTape
 
-__all__ = ["DEFAULT_GRID", "grid_line_search", "stacked_system", "terms_from_closure", "terms_loss"]
+__all__ = [
+    "DEFAULT_GRID",
+    "grid_line_search",
+    "lower_gram",
+    "stacked_system",
+    "terms_from_closure",
+    "terms_loss",
+]
 
 DEFAULT_GRID = tuple(2.0**-k for k in range(30, -1, -1))
 """The step sizes the grid line search tries: 2⁻³⁰, ..., 2⁻¹, 1 (Müller & Zeinhofer's)."""
@@ -101,6 +108,24 @@ def stacked_system(
         jacobians.append(jacobian * scale.unsqueeze(1))
         residuals.append(term.residual.to(dtype) * scale)
     return torch.cat(jacobians), torch.cat(residuals)
+
+
+def lower_gram(a: Tensor) -> Tensor:
+    """The product a aᵀ of a (n, m), computed only on and below its diagonal blocks (the rest is zero).
+
+    A Cholesky factorisation reads the lower triangle alone, so the rows are taken in blocks and
+    each block row is multiplied with the rows above it and its own: about (1 + 1/B)/2 of the full
+    product's work for B blocks, as BLAS ``syrk`` would, in torch's own products.
+    """
+    rows = a.shape[0]
+    blocks = min(max(rows // 512, 1), 8)
+    if blocks == 1:
+        return a.mm(a.t())
+    out = a.new_zeros(rows, rows)
+    edges = [rows * i // blocks for i in range(blocks + 1)]
+    for low, high in zip(edges[:-1], edges[1:], strict=True):
+        torch.mm(a[low:high], a[:high].t(), out=out[low:high, :high])
+    return out
 
 
 def terms_loss(terms: Sequence[ResidualTape], residuals: Sequence[Tensor] | None = None) -> list[Tensor]:
