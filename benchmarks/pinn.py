@@ -1,0 +1,272 @@
+r"""PINN optimisers on the reference problems: error after k steps over seeds, and the ENGD step's cost.
+
+Two parts, each optional:
+
+* ``--runs PROBLEM:STEPS ...`` with ``--optimizers`` and ``--seeds``: each (problem, optimiser, seed)
+  is one ``torch-backprop pinn`` run (``torch_backprop.cli.pinn.train``) in its own folder under
+  ``--runs-dir``; a finished folder is read back, an unfinished one resumed, so long runs can be
+  started beforehand (``torch-backprop pinn --out <runs-dir>/<problem>-<optimizer>-s<seed>``) and
+  collected here. Reported per (problem, optimiser): the absolute RMS error (the authors' metric,
+  on 10 N_Ω fixed test points) and the relative L2 error after the last step, median and range
+  over the seeds, and the median curve at each logged step.
+* ``--timing PROBLEM ...``: one step of each contender on the problem's model and points, timed in
+  interleaved rotated rounds (``torch_backprop.cli.timing.interleaved_medians``): ``engd`` (the
+  grid line search), ``engd fixed lr`` (no line search), ``floor`` (what the step cannot avoid: given
+  the stacked float64 Jacobian J̃, the Gramian or kernel product, its Cholesky factorisation and the
+  solves), ``tapes`` (the residual Jacobian's Taylor and adjoint passes) and ``adam`` (the loss and
+  its gradient through the one-pass operator, and Adam's update). Ratios against the floor and Adam.
+
+Run from the repository root, for example:
+
+    python benchmarks/pinn.py --runs poisson2d:6000 poisson5d:1000 poisson5d-deep:1000 heat4d:1000 \\
+        --optimizers engd adam lbfgs --seeds 0 1 2 --timing poisson2d poisson5d poisson5d-deep heat4d \\
+        --json benchmarks/results/pinn.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from torch_backprop import ENGD, BackpropMLP
+from torch_backprop.cli.files import write_json
+from torch_backprop.cli.options import number
+from torch_backprop.cli.pinn import OPTIMIZERS, train
+from torch_backprop.cli.pinn_problems import PROBLEMS, loss_terms, residual_tapes
+from torch_backprop.cli.run_folder import CHECKPOINT, RunFolder
+from torch_backprop.cli.timing import interleaved_medians, machine_info, threads
+from torch_backprop.optim.least_squares import lower_gram, stacked_system
+
+
+def run_spec(text: str) -> tuple[str, int]:
+    """``"poisson5d:1000"`` -> ``("poisson5d", 1000)``."""
+    name, _, steps = text.partition(":")
+    if name not in PROBLEMS or not steps.isdigit() or int(steps) < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected PROBLEM:STEPS with PROBLEM one of {', '.join(PROBLEMS)}, got {text!r}"
+        )
+    return name, int(steps)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser.add_argument(
+        "--runs", type=run_spec, nargs="*", default=[], help="PROBLEM:STEPS runs to collect"
+    )
+    parser.add_argument(
+        "--optimizers",
+        nargs="+",
+        choices=OPTIMIZERS,
+        default=["engd", "adam", "lbfgs"],
+        help="the optimisers of each run (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--seeds",
+        type=number(int, low=0),
+        nargs="+",
+        default=[0, 1, 2],
+        help="the seeds of each run (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--log-every",
+        type=number(int, low=1),
+        default=25,
+        help="the runs' logging interval (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--runs-dir",
+        type=Path,
+        default=Path("benchmarks/results/pinn-runs"),
+        help="the runs' folders (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--timing",
+        nargs="*",
+        choices=list(PROBLEMS),
+        default=[],
+        help="problems whose step is timed",
+    )
+    parser.add_argument(
+        "--rounds", type=number(int, low=1), default=5, help="timing rounds (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--min-run-time",
+        type=number(float, low=0, low_open=True),
+        default=1.0,
+        help="seconds per timing measurement (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=number(int, low=1),
+        default=torch.get_num_threads(),
+        help="intra-op threads (default: all)",
+    )
+    parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    return parser.parse_args(argv)  # fmt: skip
+
+
+def collect(
+    problem: str, steps: int, optimizer: str, seed: int, args: argparse.Namespace
+) -> dict[str, Any]:
+    """The metrics of one run: read back when finished, else resumed or started."""
+    folder = args.runs_dir / f"{problem}-{optimizer}-s{seed}"
+    run = argparse.Namespace(
+        problem=problem, optimizer=optimizer, steps=steps, seed=seed, dtype="float64", lr=None,
+        damping=1e-10, momentum=0.0, log_every=args.log_every, out=folder, resume=None, quiet=True,
+    )  # fmt: skip
+    saved = None
+    if (folder / CHECKPOINT).is_file():
+        saved = torch.load(folder / CHECKPOINT, weights_only=False)
+        if saved["step"] >= steps:
+            return saved["metrics"]
+        run.resume = folder
+    print(
+        f"running {folder} from step {saved['step'] if saved else 0} to {steps}",
+        file=sys.stderr,
+        flush=True,
+    )
+    with RunFolder(
+        folder, resume=run.resume, overwrite=False
+    ):  # a run still going there is refused
+        return train(run, saved)
+
+
+def summarise(logs: list[list[dict[str, Any]]], steps: int) -> dict[str, Any]:
+    """Median and range over seeds of the errors at the last step; the median curve."""
+    finals = [next(e for e in log if e["step"] == steps) for log in logs]
+
+    def spread(key: str) -> dict[str, float]:
+        values = [e[key] for e in finals]
+        return {
+            "median": statistics.median(values),
+            "min": min(values),
+            "max": max(values),
+            "seeds": values,
+        }
+
+    by_step: dict[int, list[dict[str, Any]]] = {}
+    for log in logs:
+        for e in log:
+            by_step.setdefault(e["step"], []).append(e)
+    curve = [
+        {
+            "step": step,
+            "rms_error": statistics.median(e["rms_error"] for e in entries),
+            "relative_l2": statistics.median(e["relative_l2"] for e in entries),
+            "seconds": statistics.median(e["seconds"] for e in entries),
+        }
+        for step, entries in sorted(by_step.items())
+        if len(entries) == len(logs)
+    ]
+    return {
+        "steps": steps,
+        "rms_error": spread("rms_error"),
+        "relative_l2": spread("relative_l2"),
+        "seconds": spread("seconds"),
+        "curve": curve,
+    }
+
+
+def timing(problem_name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """One step of each contender on the problem's model and points, interleaved."""
+    problem = PROBLEMS[problem_name]
+    torch.manual_seed(0)
+    points = problem.sample(torch.Generator().manual_seed(0), torch.float64)
+    models = {
+        name: BackpropMLP(problem.sizes, "tanh", dtype=torch.float64)
+        for name in ("grid", "fixed", "adam")
+    }
+    engd = ENGD(models["grid"].parameters())
+    fixed = ENGD(models["fixed"].parameters(), lr=1e-3, line_search_fn=None)
+    adam = torch.optim.Adam(models["adam"].parameters(), lr=1e-3)
+    jacobian, residual = stacked_system(residual_tapes(models["grid"], problem, *points))
+    rows, columns = jacobian.shape
+
+    def floor() -> None:
+        if rows < columns:  # EN2: J̃ J̃ᵀ, Cholesky, two triangular solves, J̃ᵀ α
+            factor = torch.linalg.cholesky(
+                lower_gram(jacobian) + 1e-10 * torch.eye(rows, dtype=jacobian.dtype)
+            )
+            jacobian.t().mv(torch.cholesky_solve(residual.unsqueeze(1), factor).squeeze(1))
+        else:  # EN1: J̃ᵀ J̃, J̃ᵀ r̃, Cholesky, two triangular solves
+            gramian = lower_gram(jacobian.t()) + 1e-10 * torch.eye(columns, dtype=jacobian.dtype)
+            torch.cholesky_solve(
+                jacobian.t().mv(residual).unsqueeze(1), torch.linalg.cholesky(gramian)
+            )
+
+    def adam_step() -> None:
+        adam.zero_grad()
+        sum(loss_terms(models["adam"], problem, *points)).backward()
+        adam.step()
+
+    steps = {
+        "engd": lambda: engd.step(lambda: residual_tapes(models["grid"], problem, *points)),
+        "engd fixed lr": lambda: fixed.step(
+            lambda: residual_tapes(models["fixed"], problem, *points)
+        ),
+        "floor": floor,
+        "tapes": lambda: stacked_system(residual_tapes(models["grid"], problem, *points)),
+        "adam": adam_step,
+    }
+    with threads(args.threads):
+        times = interleaved_medians(
+            steps, rounds=args.rounds, min_run_time=args.min_run_time, threads=args.threads
+        )
+    median = {name: t["median_s"] for name, t in times.items()}
+    return {
+        "problem": problem_name,
+        "sizes": problem.sizes,
+        "parameters": columns,
+        "residuals": rows,
+        "space": "residuals (kernel, EN2)" if rows < columns else "parameters (Gramian, EN1)",
+        "times": times,
+        "engd_over_floor": median["engd"] / median["floor"],
+        "engd_fixed_over_floor": median["engd fixed lr"] / median["floor"],
+        "engd_over_adam": median["engd"] / median["adam"],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    results: dict[str, Any] = {
+        "machine": machine_info("cpu", args.threads),
+        "runs": {},
+        "timing": [],
+    }
+    for problem, steps in args.runs:
+        for optimizer in args.optimizers:
+            logs = [collect(problem, steps, optimizer, seed, args)["log"] for seed in args.seeds]
+            summary = summarise(logs, steps)
+            results["runs"][f"{problem}/{optimizer}"] = {
+                "problem": problem,
+                "optimizer": optimizer,
+                **summary,
+            }
+            rms, rel = summary["rms_error"], summary["relative_l2"]
+            print(
+                f"{problem:15s} {optimizer:6s} {steps:5d} steps: RMS error {rms['median']:.2e} "
+                f"[{rms['min']:.2e}, {rms['max']:.2e}], relative L2 {rel['median']:.2e}, "
+                f"{summary['seconds']['median']:.0f} s"
+            )
+    for problem in args.timing:
+        result = timing(problem, args)
+        results["timing"].append(result)
+        times = {name: t["median_s"] * 1e3 for name, t in result["times"].items()}
+        print(
+            f"{problem:15s} D={result['parameters']} N={result['residuals']} ({result['space']}): "
+            + ", ".join(f"{name} {ms:.1f} ms" for name, ms in times.items())
+            + f"; engd/floor {result['engd_over_floor']:.2f}, "
+            f"fixed/floor {result['engd_fixed_over_floor']:.2f}, engd/adam {result['engd_over_adam']:.1f}"
+        )
+    if args.json is not None:
+        write_json(results, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
