@@ -144,9 +144,11 @@ class ENGD(torch.optim.Optimizer):
         loss = sum(losses)
         state.update(loss=loss, losses=losses)
         state["step"] += 1
-        if not (math.isfinite(loss) and bool(torch.isfinite(jacobian).all())):
-            return self._skip(state, residual, "the residuals or their Jacobian are not finite")
+        if not math.isfinite(loss):
+            return self._skip(state, residual, "the residuals are not finite")
         step = self._solve(jacobian, residual, group, state)
+        if step is None:
+            return self._skip(state, residual, "the Jacobian is not finite")
         if not bool(torch.isfinite(step).all()):
             return self._skip(state, residual, "the solve gave a non-finite step")
         previous = state["update"]
@@ -178,8 +180,12 @@ class ENGD(torch.optim.Optimizer):
             matrix, right = lower_gram(jacobian), residual  # J̃ J̃ᵀ (lower triangle), r̃ (EN2)
         else:
             matrix, right = lower_gram(jacobian.t()), jacobian.t().mv(residual)  # J̃ᵀ J̃, ∇L (EN1)
-        damping = group["damping"]
         diagonal = matrix.diagonal()
+        if not bool(
+            torch.isfinite(diagonal).all()
+        ):  # a non-finite entry of J̃ reaches its row's (or column's)
+            return None
+        damping = group["damping"]
         floor = 1e-15 * float(diagonal.mean()) if diagonal.numel() else 0.0
         for _ in range(_MAX_DAMPING_RAISES):
             factor, info = torch.linalg.cholesky_ex(

@@ -64,6 +64,10 @@ def terms_from_closure(
     wanted = {id(p) for p in params}
     for k, term in enumerate(terms):
         have = {id(p) for p in term.parameters}
+        if have == wanted and [id(p) for p in term.parameters] != [id(p) for p in terms[0].parameters]:
+            raise ValueError(
+                f"{caller}'s terms must share one model; term {k}'s parameters are in another order"
+            )
         if have != wanted:
             raise ValueError(
                 f"{caller} optimises {len(wanted)} parameter tensors, but term {k}'s Jacobian has "
@@ -87,27 +91,23 @@ def stacked_system(
 ) -> tuple[Tensor, Tensor]:
     """``(J̃, r̃)``: the terms' scaled Jacobians and residuals stacked (LS1), in ``dtype``.
 
-    Columns in the first term's :attr:`~ResidualTape.parameters` order.
+    J̃ is written term by term into one (Σ N_t, D) buffer and scaled in place.
     """
-    order = terms[0].parameters
-    jacobians, residuals = [], []
+    rows = sum(len(term) for term in terms)
+    columns = sum(p.numel() for p in terms[0].parameters)
+    jacobian = terms[0].residual.new_empty(rows, columns, dtype=dtype)
+    residuals, start = [], 0
     for term in terms:
         scale = _row_scale(term, dtype)
-        jacobian = term.jacobian().to(dtype)
-        if [id(p) for p in term.parameters] != [
-            id(p) for p in order
-        ]:  # the same tensors (checked), another order: reorder the columns
-            blocks = dict(
-                zip(
-                    map(id, term.parameters),
-                    jacobian.split([p.numel() for p in term.parameters], 1),
-                    strict=True,
-                )
-            )
-            jacobian = torch.cat([blocks[id(p)] for p in order], 1)
-        jacobians.append(jacobian * scale.unsqueeze(1))
+        block = jacobian[start : start + len(term)]
+        if term.residual.dtype == dtype:
+            term.jacobian(out=block)
+        else:
+            block.copy_(term.jacobian())
+        block.mul_(scale.unsqueeze(1))
         residuals.append(term.residual.to(dtype) * scale)
-    return torch.cat(jacobians), torch.cat(residuals)
+        start += len(term)
+    return jacobian, torch.cat(residuals)
 
 
 def lower_gram(a: Tensor) -> Tensor:

@@ -113,13 +113,27 @@ class ResidualTape:
         Z, G = self._factors[k]
         return torch.einsum("sno,sni->noi", G, Z)
 
-    def jacobian(self) -> Tensor:
-        """J, ``(N, D)``: row n is ∂r_n/∂θ, the parameters flattened in :attr:`parameters` order."""
-        blocks = []
-        for k, name, _ in self._columns:
-            G = self._factors[k][1]
-            blocks.append(self._weight_rows(k).flatten(1) if name == "weight" else G[0])  # RJ2
-        return torch.cat(blocks, 1) if blocks else self.residual.new_zeros(len(self), 0)
+    def jacobian(self, out: Tensor | None = None) -> Tensor:
+        """J, ``(N, D)``: row n is ∂r_n/∂θ, the parameters flattened in :attr:`parameters` order.
+
+        Written into ``out`` (N, D) when given (for example a slice of a stacked system).
+        """
+        columns = sum(p.numel() for p in self.parameters)
+        if out is None:
+            out = self.residual.new_empty(len(self), columns)
+        elif tuple(out.shape) != (len(self), columns):
+            raise ValueError(
+                f"ResidualTape.jacobian expects out of shape {(len(self), columns)}, got {tuple(out.shape)}"
+            )
+        start = 0
+        for k, name, p in self._columns:
+            block = out[:, start : start + p.numel()]
+            if name == "weight":
+                block.view(len(self), *p.shape).copy_(self._weight_rows(k))  # RJ2
+            else:
+                block.copy_(self._factors[k][1][0])  # RJ2: g_{n,h}
+            start += p.numel()
+        return out
 
     def jvp(self, tangents: Sequence[Tensor]) -> Tensor:
         """J v, ``(N,)``, for v given as one tensor per parameter (RJ3)."""
