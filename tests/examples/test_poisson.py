@@ -52,3 +52,23 @@ def test_a_short_run_learns_and_prints_its_error(capsys):
     assert example.main(["--dim", "4", "--solution", "products", "--steps", "2", "--points", "8"]) == 0
     out = capsys.readouterr().out
     assert "relative L2 error" in out and "torch.func.hessian" in out and "x_{2i}" in out
+
+
+def test_engd_solves_the_small_problem_far_below_adam(capsys):
+    # Same model, points and steps: ENGD's relative error is orders of magnitude below Adam's.
+    example = load_example("poisson")
+    problem = example.PROBLEMS["sines"]
+    errors = {}
+    for name in ("adam", "engd"):
+        torch.manual_seed(0)
+        model = example.BackpropMLP([2, 16, 1], "tanh", dtype=torch.float64)
+        if name == "adam":
+            example.train(model, problem, 2, steps=40, points=64, lr=1e-2, seed=0)
+        else:
+            losses = example.train_engd(model, problem, 2, steps=40, points=64, seed=0)
+            assert losses[-1] < 1e-3 * losses[0]
+        errors[name] = example.relative_error(model, problem, 2)
+    assert errors["engd"] < 0.05 * errors["adam"]
+    argv = ["--dim", "2", "--steps", "2", "--points", "8", "--hidden", "8", "--optimizer", "engd"]
+    assert example.main(argv) == 0
+    assert "relative L2 error" in capsys.readouterr().out
