@@ -9,12 +9,14 @@ gradient in those coordinates and the operator applied to it, from :mod:`torch_b
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
+from ..core.activations import zero_second_derivative
 from ..core.checks import check_input
 from ..core.module import BackpropMLP
 from .function import taylor_derivatives
@@ -98,8 +100,40 @@ def input_derivatives(
         >>> u, grad, u_ss = input_derivatives(model, x, coordinates=[1], diagonal=torch.ones(1))
         >>> grad.shape, u_ss.shape
         (torch.Size([256, 1, 1]), torch.Size([256, 1]))
+
+    Warns:
+        UserWarning: every activation of ``model`` has σ'' ≡ 0 (``identity``, ``relu``,
+            ``leaky_relu``), so the operator's second-order part is 0 at every point; shown once
+            per calling line (Python's default warning filter).
     """
-    caller = "input_derivatives"
+    return _input_derivatives(model, input, coordinates, diagonal, matrix, drift, "input_derivatives")
+
+
+def laplacian(model: BackpropMLP, input: Tensor) -> InputDerivatives:
+    r"""u, ∇u and the Laplacian Δu = Σ_i ∂²u/∂x_i² of ``model`` at ``input``, in one forward pass.
+
+    :func:`input_derivatives` with every coordinate and C = I (its errors and warning name
+    ``laplacian``).
+
+    Example:
+        >>> model = BackpropMLP([10, 128, 128, 1], "tanh")
+        >>> u, grad, lap = laplacian(model, torch.rand(512, 10))
+        >>> lap.shape
+        torch.Size([512, 1])
+    """
+    return _input_derivatives(model, input, None, None, None, None, "laplacian")
+
+
+def _input_derivatives(
+    model: BackpropMLP,
+    input: Tensor,
+    coordinates: Sequence[int] | Tensor | None,
+    diagonal: Tensor | None,
+    matrix: Tensor | None,
+    drift: Tensor | None,
+    caller: str,
+) -> InputDerivatives:
+    """:func:`input_derivatives`, its errors and warning naming ``caller``, the function the user called."""
     if not isinstance(model, BackpropMLP):
         raise TypeError(f"{caller} expects a torch_backprop.BackpropMLP, got {type(model).__name__}")
     weights, biases = _parameters(model, caller)
@@ -119,6 +153,14 @@ def input_derivatives(
         )
     leading = input.shape[:-1]
     c = _coefficients(input, coordinates, diagonal, matrix, drift, caller)
+    if all(a.second_derivative is zero_second_derivative for a in model.activations):
+        names = ", ".join(dict.fromkeys(a.name for a in model.activations))
+        warnings.warn(
+            f"{caller}: every activation of this BackpropMLP ({names}) has σ'' ≡ 0, so the second-order "
+            "part of the operator is 0 at every point (Δu ≡ 0), and a PDE loss of it has no second-order "
+            "term; for second derivatives use a smooth activation such as tanh, gelu, silu or softplus",
+            stacklevel=3,
+        )
     x = input.reshape(-1, input.shape[-1])
     u, du, Du = taylor_derivatives(x, model.activations, weights, biases, c)
     du = du.permute(1, 2, 0)  # (K, N, H_out) -> (N, H_out, K)
@@ -128,20 +170,6 @@ def input_derivatives(
     return InputDerivatives(
         u.reshape(*leading, out), du.reshape(*leading, out, du.shape[-1]), Du.reshape(*leading, out)
     )
-
-
-def laplacian(model: BackpropMLP, input: Tensor) -> InputDerivatives:
-    r"""u, ∇u and the Laplacian Δu = Σ_i ∂²u/∂x_i² of ``model`` at ``input``, in one forward pass.
-
-    :func:`input_derivatives` with every coordinate and C = I.
-
-    Example:
-        >>> model = BackpropMLP([10, 128, 128, 1], "tanh")
-        >>> u, grad, lap = laplacian(model, torch.rand(512, 10))
-        >>> lap.shape
-        torch.Size([512, 1])
-    """
-    return input_derivatives(model, input)
 
 
 def _parameters(model: BackpropMLP, caller: str) -> tuple[list[Tensor], list[Tensor | None]]:
