@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from torch_backprop import BackpropMLP
+from torch_backprop.cli import options
 
 # Sampling box of (moneyness S/K, maturity T in years, volatility σ, rate r).
 LOW = torch.tensor([0.6, 0.1, 0.1, 0.0], dtype=torch.float64)
@@ -76,13 +77,20 @@ def fit(steps: int, batch_size: int = 256, lr: float = 3e-3, seed: int = 0) -> d
     }
 
 
+def build_parser() -> argparse.ArgumentParser:
+    parser = options.parser("python examples/black_scholes.py", __doc__)
+    count = options.number(int, low=1)
+    parser.add_argument("--steps", type=count, default=3000, help="training steps, fresh contracts each")
+    parser.add_argument("--batch-size", type=count, default=256, help="contracts per step")
+    parser.add_argument(
+        "--lr", type=options.number(float, low=0, low_open=True), default=3e-3, help="Adam's initial lr"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the parameters and the contracts")
+    return parser
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=3000)
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     result = fit(args.steps, args.batch_size, args.lr, args.seed)
     rmse, spread = math.sqrt(result["test_mse"]), math.sqrt(result["target_variance"])
     print(f"test RMSE {rmse:.2e} of K (targets' std {spread:.2e})")

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torchvision import transforms
 
 from torch_backprop import BackpropMLP
+from torch_backprop.cli import options
 
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
@@ -57,16 +58,24 @@ def make_loader(fake: bool, data_root: str, batch_size: int, steps: int) -> torc
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = options.parser("python examples/cnn_head_cifar10.py", __doc__)
     parser.add_argument(
         "--fake", action="store_true", help="torchvision FakeData instead of CIFAR-10 (offline)"
     )
-    parser.add_argument("--data-root", default="~/.cache/torch_backprop")
-    parser.add_argument("--steps", type=int, default=1000)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--data-root", default="~/.cache/torch_backprop", help="where CIFAR-10 is, or is downloaded to"
+    )
+    parser.add_argument("--steps", type=options.number(int, low=1), default=1000, help="training steps")
+    parser.add_argument("--batch-size", type=options.number(int, low=1), default=64, help="batch size")
+    parser.add_argument(
+        "--lr", type=options.number(float, low=0, low_open=True), default=1e-3, help="Adam lr"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     torch.manual_seed(0)
     model = ConvNetWithMLPHead()

@@ -21,7 +21,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -30,7 +29,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from torch_backprop import BackpropMLP, dp_sgd_step, per_sample
-from torch_backprop.cli.data import DataError, load_dataset
+from torch_backprop.activations import available_activations
+from torch_backprop.cli import options
+from torch_backprop.cli.data import MNIST_10K_SHA256, DataError, load_dataset
+from torch_backprop.cli.files import write_json
 
 
 def load_mnist(root: Path | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -74,8 +76,10 @@ def epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: floa
     return accountant.get_epsilon(delta=delta)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = options.parser("python examples/dp_mnist.py", __doc__)
+    count = options.number(int, low=1)
+    positive = options.number(float, low=0, low_open=True)
     parser.add_argument(
         "--data-root",
         type=Path,
@@ -83,20 +87,44 @@ def main(argv: list[str] | None = None) -> dict:
         help="folder of the two MNIST test-set .gz files (default: the copy shipped with torch_backprop)",
     )
     parser.add_argument("--synthetic", action="store_true", help="random prototype digits, no files")
-    parser.add_argument("--limit", type=int, default=None, help="use only the first N training samples")
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--batch-size", type=int, default=256, help="expected (Poisson) batch size")
-    parser.add_argument("--lr", type=float, default=0.1)
-    parser.add_argument("--momentum", type=float, default=0.9)
-    parser.add_argument("--hidden", type=int, nargs="*", default=[256])
-    parser.add_argument("--activation", default="tanh")
-    parser.add_argument("--noise-multiplier", type=float, default=1.0, help="σ")
-    parser.add_argument("--max-grad-norm", type=float, default=1.0, help="C")
-    parser.add_argument("--delta", type=float, default=1e-5, help="δ for the reported ε")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    parser.add_argument("--limit", type=count, default=None, help="use only the first N training samples")
+    parser.add_argument("--epochs", type=count, default=10, help="passes of 1/q Poisson batches each")
+    parser.add_argument("--batch-size", type=count, default=256, help="expected (Poisson) batch size")
+    parser.add_argument("--lr", type=positive, default=0.1, help="SGD learning rate")
+    parser.add_argument("--momentum", type=options.number(float, low=0), default=0.9, help="SGD momentum")
+    options.add_widths(parser, "--hidden", default=[256], help="hidden widths", example="256,128")
+    parser.add_argument(
+        "--activation", choices=available_activations(), default="tanh", help="hidden activation"
+    )
+    parser.add_argument(
+        "--noise-multiplier", type=options.number(float, low=0), default=1.0, help="σ (0: clipping alone)"
+    )
+    parser.add_argument("--max-grad-norm", type=positive, default=1.0, help="C, the clipping threshold")
+    parser.add_argument(
+        "--delta",
+        type=options.number(float, low=0, high=1, low_open=True, high_open=True),
+        default=1e-5,
+        help="δ for the reported ε",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the parameters, batches and noise")
+    parser.add_argument(
+        "--threads", type=count, default=None, help="intra-op threads (default: torch's current setting)"
+    )
+    parser.add_argument(
+        "--json", type=options.output_file, metavar="FILE", help="also write the results as JSON"
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = build_parser()
     args = parser.parse_args(argv)
+    if args.data_root is not None and not args.synthetic and not args.data_root.is_dir():
+        parser.error(
+            f"argument --data-root: expected a folder holding {', '.join(MNIST_10K_SHA256)}, got "
+            f"{args.data_root} (no such folder); leave out --data-root to read the copy shipped with "
+            "torch_backprop, or use --synthetic"
+        )
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -109,7 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
         try:
             x_train, y_train, x_test, y_test = load_mnist(args.data_root)
         except DataError as error:
-            parser.error(f"{error}\n(or use --synthetic)")
+            parser.error(f"{'; '.join(str(error).splitlines())}; or use --synthetic")
         data = f"MNIST test set: train on first {len(y_train)}, test on last {len(y_test)}"
     if args.limit:
         x_train, y_train = x_train[: args.limit], y_train[: args.limit]
@@ -169,7 +197,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"({seconds:.1f} s)"
     )
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        write_json(result, args.json)
     return result
 
 

@@ -22,6 +22,7 @@ from torch import nn
 from torchvision import transforms
 
 from torch_backprop import BackpropMLP
+from torch_backprop.cli import options
 
 
 def make_model(native: bool = False) -> nn.Module:
@@ -65,15 +66,21 @@ def train(args: argparse.Namespace) -> tuple[nn.Module, list[float]]:
     return model, losses
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = options.parser("python examples/drop_in.py", __doc__)
     parser.add_argument("--fake", action="store_true", help="torchvision FakeData instead of MNIST (offline)")
-    parser.add_argument("--data-root", default="~/.cache/torch_backprop")
-    parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument(
+        "--data-root", default="~/.cache/torch_backprop", help="where MNIST is, or is downloaded to"
+    )
+    parser.add_argument("--steps", type=options.number(int, low=1), default=400, help="training steps")
+    parser.add_argument("--batch-size", type=options.number(int, low=1), default=64, help="batch size")
+    parser.add_argument("--lr", type=options.number(float, low=0, low_open=True), default=0.05, help="SGD lr")
     parser.add_argument("--native", action="store_true", help="train the stock nn.Sequential instead")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     args.data_root = str(Path(args.data_root).expanduser())
     train(args)
     return 0

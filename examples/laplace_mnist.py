@@ -10,12 +10,13 @@ default, or with ``--prior gridsearch`` by the NLL on the last ``--validation`` 
 which the MAP then does not train on) and predicts with the linearised (GLM) predictive and the
 probit approximation. It reports, on the 2,000 test digits,
 accuracy, negative log-likelihood (NLL) and expected calibration error (ECE, 15 equal-width bins
-of confidence) of the MAP model and of the Laplace predictive, and saves a reliability diagram
-(accuracy against confidence per bin, both models) as a PNG.
+of confidence) of the MAP model and of the Laplace predictive; ``--plot FILE.png`` saves a
+reliability diagram (accuracy against confidence per bin, both models). It writes nothing else.
 
 Usage::
 
     python examples/laplace_mnist.py                            # the digits shipped with the package
+    python examples/laplace_mnist.py --plot runs/reliability.png  # and the diagram, in a folder of yours
     python examples/laplace_mnist.py --subset all --structure diag
     python examples/laplace_mnist.py --prior gridsearch --validation 1000
     python examples/laplace_mnist.py --dataset fake --epochs 1   # synthetic images, no files, seconds
@@ -24,7 +25,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -33,7 +33,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from torch_backprop import BackpropMLP
-from torch_backprop.cli.data import DataError, load_dataset
+from torch_backprop.cli import options
+from torch_backprop.cli.data import DATASETS, MNIST_10K_SHA256, DataError, load_dataset
+from torch_backprop.cli.files import write_figure, write_json
 
 BINS = 15
 
@@ -84,16 +86,12 @@ def reliability(probabilities: Tensor, labels: Tensor) -> tuple[list[float], lis
     return [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
 
 
-def plot_reliability(curves: dict[str, tuple[Tensor, Tensor]], path: Path) -> bool:
-    """Save the reliability diagram; ``False`` when matplotlib is not installed."""
-    try:
-        import matplotlib
+def plot_reliability(curves: dict[str, tuple[Tensor, Tensor]], path: Path) -> None:
+    """Save the reliability diagram as a PNG at ``path`` (atomically; needs matplotlib)."""
+    from matplotlib.figure import Figure
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    figure, axes = plt.subplots(1, len(curves), figsize=(4.2 * len(curves), 4.2), sharey=True)
+    figure = Figure(figsize=(4.2 * len(curves), 4.2))
+    axes = figure.subplots(1, len(curves), sharey=True)
     for ax, (name, (probabilities, labels)) in zip(axes, curves.items(), strict=True):
         confidence, accuracy, counts = reliability(probabilities, labels)
         width = 1 / BINS
@@ -110,38 +108,94 @@ def plot_reliability(curves: dict[str, tuple[Tensor, Tensor]], path: Path) -> bo
     axes[0].set_ylabel("accuracy")
     axes[0].legend(loc="lower right", fontsize=8)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return True
+    write_figure(figure, path, dpi=120)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", default="mnist-10k", choices=("mnist-10k", "fake"))
+def build_parser() -> argparse.ArgumentParser:
+    parser = options.parser("python examples/laplace_mnist.py", __doc__)
+    count = options.number(int, low=1)
+    parser.add_argument(
+        "--dataset",
+        default="mnist-10k",
+        choices=("mnist-10k", "fake"),
+        help="mnist-10k: the MNIST test set shipped with the package; fake: torchvision FakeData",
+    )
     parser.add_argument(
         "--data-root",
         type=Path,
         default=None,
         help="a folder holding the MNIST test-set files (default: the copy shipped with the package)",
     )
-    parser.add_argument("--limit-train", type=int, default=None)
-    parser.add_argument("--fake-size", type=int, default=1024, help="training images of --dataset fake")
-    parser.add_argument("--hidden", type=int, nargs="*", default=[256])
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--weight-decay", type=float, default=5e-4)
-    parser.add_argument("--subset", choices=("last_layer", "all"), default="last_layer")
-    parser.add_argument("--structure", choices=("kron", "diag"), default="kron")
-    parser.add_argument("--prior", choices=("marglik", "gridsearch"), default="marglik")
     parser.add_argument(
-        "--validation", type=int, default=1000, help="held-out training digits for gridsearch"
+        "--limit-train", type=count, default=None, help="use the first N training digits (default: all)"
     )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--plot", type=Path, default=Path("laplace_mnist_reliability.png"))
-    parser.add_argument("--json", type=Path, default=None, help="also write the results as JSON")
+    parser.add_argument("--fake-size", type=count, default=1024, help="training images of --dataset fake")
+    options.add_widths(parser, "--hidden", default=[256], help="hidden widths", example="256,128")
+    parser.add_argument("--epochs", type=count, default=10, help="MAP training epochs")
+    parser.add_argument("--batch-size", type=count, default=128, help="MAP training batch size")
+    parser.add_argument(
+        "--lr", type=options.number(float, low=0, low_open=True), default=1e-3, help="Adam lr"
+    )
+    parser.add_argument(
+        "--weight-decay",
+        type=options.number(float, low=0),
+        default=5e-4,
+        help="Adam weight decay (the MAP's prior)",
+    )
+    parser.add_argument(
+        "--subset", choices=("last_layer", "all"), default="last_layer", help="the weights the Laplace covers"
+    )
+    parser.add_argument(
+        "--structure", choices=("kron", "diag"), default="kron", help="the Hessian approximation's structure"
+    )
+    parser.add_argument(
+        "--prior",
+        choices=("marglik", "gridsearch"),
+        default="marglik",
+        help="how the prior precision is tuned: marginal likelihood, or NLL on --validation digits",
+    )
+    parser.add_argument(
+        "--validation", type=count, default=1000, help="held-out training digits for --prior gridsearch"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the parameters and the batch order")
+    parser.add_argument(
+        "--threads", type=count, default=None, help="intra-op threads (default: torch's current setting)"
+    )
+    parser.add_argument(
+        "--plot",
+        type=options.output_file,
+        default=None,
+        metavar="FILE.png",
+        help="also save the reliability diagram there (needs matplotlib)",
+    )
+    parser.add_argument(
+        "--json",
+        type=options.output_file,
+        default=None,
+        metavar="FILE",
+        help="also write the results as JSON",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = build_parser()
     args = parser.parse_args(argv)
+    train_size = args.fake_size if args.dataset == "fake" else DATASETS[args.dataset].train_size
+    if args.limit_train is not None:
+        train_size = min(train_size, args.limit_train)
+    if args.prior == "gridsearch" and not args.validation < train_size:
+        parser.error(
+            f"argument --validation: expected fewer than the {train_size} training digits, "
+            f"got {args.validation}"
+        )
+    if args.plot is not None and not options.module_available("matplotlib"):
+        parser.error("argument --plot: needs matplotlib, which is not installed: pip install matplotlib")
+    if args.dataset == "mnist-10k" and args.data_root is not None and not args.data_root.is_dir():
+        parser.error(
+            f"argument --data-root: expected a folder holding {', '.join(MNIST_10K_SHA256)}, got "
+            f"{args.data_root} (no such folder); leave out --data-root to read the package's copy"
+        )
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
@@ -159,12 +213,10 @@ def main(argv: list[str] | None = None) -> dict:
             fake_size=args.fake_size,
         )
     except DataError as error:
-        parser.error(str(error))
+        parser.error("; ".join(str(error).splitlines()))
 
     validation = None
     if args.prior == "gridsearch":
-        if not 0 < args.validation < len(train):
-            parser.error(f"--validation must be in (0, {len(train)}), got {args.validation}")
         x_train, y_train = train.tensors
         validation = TensorDataset(x_train[-args.validation :], y_train[-args.validation :])
         train = TensorDataset(x_train[: -args.validation], y_train[: -args.validation])
@@ -225,13 +277,14 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{name:18s} | {score['accuracy']:.4f} | {score['nll']:.4f} | {score['ece']:.4f}")
     print(f"(MAP training {train_seconds:.1f} s; Laplace fit and prior tuning {laplace_seconds:.1f} s)")
     curves = {"MAP": (map_probabilities, y_test), "Laplace (GLM, probit)": (laplace_probabilities, y_test)}
-    if plot_reliability(curves, args.plot):
+    if args.plot is not None:
+        plot_reliability(curves, args.plot)
         results["plot"] = str(args.plot)
         print(f"reliability diagram: {args.plot}")
     else:
-        print("no reliability diagram: pip install matplotlib")
+        print("no reliability diagram (--plot FILE.png saves one)")
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+        write_json(results, args.json)
     return results
 
 

@@ -42,6 +42,8 @@ from torch import Tensor, nn
 from torch.func import jvp, vjp
 
 from torch_backprop import BackpropMLP, input_derivatives
+from torch_backprop.activations import available_activations
+from torch_backprop.cli import options
 
 
 @dataclass(frozen=True)
@@ -237,23 +239,35 @@ def time_step(u: Pricer, points: Points, residual: Callable, repeats: int) -> fl
     return sorted(times)[len(times) // 2]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=3000)
-    parser.add_argument("--points", type=int, default=512, help="interior collocation points per step")
-    parser.add_argument("--hidden", type=int, nargs="+", default=[48, 48, 48])
-    parser.add_argument("--activation", default="tanh")
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--seed", type=int, default=0)
+def build_parser() -> argparse.ArgumentParser:
+    parser = options.parser("python examples/pinn_black_scholes.py", __doc__)
+    count = options.number(int, low=1)
+    parser.add_argument("--steps", type=count, default=3000, help="training steps, fresh points each")
+    parser.add_argument("--points", type=count, default=512, help="interior collocation points per step")
+    options.add_widths(parser, "--hidden", default=[48, 48, 48], help="hidden widths", example="48,48,48")
+    parser.add_argument(
+        "--activation",
+        choices=available_activations(),
+        default="tanh",
+        help="hidden activation (smooth: R needs u_SS)",
+    )
+    parser.add_argument(
+        "--lr", type=options.number(float, low=0, low_open=True), default=3e-3, help="Adam's initial lr"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the parameters and the points")
     parser.add_argument(
         "--derivatives",
         choices=list(RESIDUALS),
         default="one forward pass",
         help="how BackpropMLP gets R (the twin uses double backward where this is 'one forward pass')",
     )
-    parser.add_argument("--float64", action="store_true", help="train in float64 (default float32)")
-    parser.add_argument("--repeats", type=int, default=20, help="timed steps per way to u_SS")
-    args = parser.parse_args(argv)
+    parser.add_argument("--float64", action="store_true", help="train in float64 (default: float32)")
+    parser.add_argument("--repeats", type=count, default=20, help="timed steps per way to u_SS")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     dtype = torch.float64 if args.float64 else torch.float32
     contract = Contract()
     ours, twin = make_pricers(contract, args.hidden, args.activation, dtype, args.seed)

@@ -40,6 +40,8 @@ import torch
 from torch import Tensor
 
 from torch_backprop import ENGD, BackpropMLP, laplacian, residual_jacobian
+from torch_backprop.activations import available_activations
+from torch_backprop.cli import options
 
 
 @dataclass(frozen=True)
@@ -171,24 +173,36 @@ def laplacian_check(model: BackpropMLP, dim: int, count: int = 16) -> float:
     return (ours - hessians.diagonal(dim1=-2, dim2=-1).sum(-1)).abs().max().item()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dim", type=int, default=10, help="d, the dimension of the domain")
-    parser.add_argument("--solution", choices=list(PROBLEMS), default="cosines")
-    parser.add_argument("--hidden", type=int, nargs="+", default=[64, 64, 64])
-    parser.add_argument("--activation", default="tanh")
-    parser.add_argument("--steps", type=int, default=3000)
-    parser.add_argument("--points", type=int, default=256, help="interior and boundary points per step")
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--seed", type=int, default=0)
+def build_parser() -> argparse.ArgumentParser:
+    parser = options.parser("python examples/poisson.py", __doc__)
+    count = options.number(int, low=1)
+    parser.add_argument("--dim", type=count, default=10, help="d, the dimension of the domain")
     parser.add_argument(
-        "--float64", action="store_true", help="train in float64 (default float32; ENGD always float64)"
+        "--solution", choices=list(PROBLEMS), default="cosines", help="the known solution u* (see above)"
+    )
+    options.add_widths(parser, "--hidden", default=[64, 64, 64], help="hidden widths", example="64,64,64")
+    parser.add_argument(
+        "--activation",
+        choices=available_activations(),
+        default="tanh",
+        help="hidden activation (smooth: Δu needs σ'')",
+    )
+    parser.add_argument("--steps", type=options.number(int, low=0), default=3000, help="training steps")
+    parser.add_argument("--points", type=count, default=256, help="interior and boundary points per step")
+    parser.add_argument(
+        "--lr", type=options.number(float, low=0, low_open=True), default=2e-3, help="Adam's initial lr"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the parameters and the points")
+    parser.add_argument(
+        "--float64", action="store_true", help="train in float64 (default: float32; ENGD: always float64)"
     )
     parser.add_argument("--optimizer", choices=["adam", "engd"], default="adam", help="Adam, or ENGD")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
-    if args.dim < 1 or args.steps < 0 or args.points < 1:
-        given = f"{args.dim}, {args.steps}, {args.points}"
-        parser.error(f"expected --dim >= 1, --steps >= 0, --points >= 1, got {given}")
     if args.solution == "products" and args.dim % 2:
         parser.error(f"--solution products pairs the coordinates: expected an even --dim, got {args.dim}")
     problem = PROBLEMS[args.solution]

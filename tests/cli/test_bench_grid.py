@@ -89,14 +89,40 @@ def test_compiled_contender(tmp_path) -> None:
     assert case["compile_s"] > 0
 
 
-@pytest.mark.parametrize("text", ["784-256-10", "784@64", "784-x-10@64", "784-256-10@0", ""])
-def test_parse_cases_rejects(text: str) -> None:
-    with pytest.raises(ValueError, match="784-256-10@64"):
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("784-256-10", "expected cases WIDTHS@BATCH such as 784,256,10@64, got '784-256-10'"),
+        (
+            "784@64",
+            "expected each case's widths as two or more positive integers, such as 784,256,10@64, "
+            "got '784@64'",
+        ),
+        ("784-x-10@64", "expected each case's widths as two or more positive integers"),
+        ("784,0,10@64", "expected each case's widths as two or more positive integers"),
+        ("784-256-10@0", "expected a positive batch after @, such as 784,256,10@64, got '784-256-10@0'"),
+        ("784,256@x", "expected a positive batch after @"),
+        ("", "expected cases WIDTHS@BATCH such as 784,256,10@64, got ''"),
+    ],
+)
+def test_parse_cases_rejects(text: str, message: str) -> None:
+    with pytest.raises(ValueError) as refused:
         bench.parse_cases(text)
+    assert str(refused.value).startswith(message)
 
 
-def test_parse_cases() -> None:
-    assert bench.parse_cases("784-256-10@64, 8-16-16-1@32") == [((784, 256, 10), 64), ((8, 16, 16, 1), 32)]
+@pytest.mark.parametrize(
+    "text",
+    [
+        "784,256,10@64 8,16,16,1@32",
+        "784-256-10@64,8-16-16-1@32",
+        "784-256-10@64, 8-16-16-1@32",
+        "784,256,10@64,8,16,16,1@32",
+    ],
+    ids=["commas-spaces", "dashes-commas", "dashes-comma-space", "commas-only"],
+)
+def test_parse_cases_reads_each_way_of_writing_widths(text: str) -> None:
+    assert bench.parse_cases(text) == [((784, 256, 10), 64), ((8, 16, 16, 1), 32)]
 
 
 def test_matmul_floor_runs_the_products_of_one_step(monkeypatch) -> None:

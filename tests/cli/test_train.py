@@ -180,10 +180,13 @@ def test_offline_download_failure_prints_one_message_without_traceback(tmp_path,
 
     monkeypatch.setattr(torchvision.datasets.mnist, "download_and_extract_archive", offline)
     root = tmp_path / "empty"
+    monkeypatch.chdir(tmp_path)  # the default run folder, runs/mnist-TIME, goes here
     assert main(["train", "--data-root", str(root), "--epochs", "1"]) == 2  # returned, not raised
     captured = capsys.readouterr()
     message = captured.err
-    assert "Traceback" not in message and captured.out == ""
+    assert "Traceback" not in message
+    assert captured.out.startswith("no --out given: the run's files go to runs/mnist-")
+    assert not (tmp_path / "runs").exists()  # the run folder it made, and runs/, are gone with the run
     assert message.count("torch-backprop train:") == 1
     assert "cannot load dataset 'mnist'" in message and "Name or service not known" in message
     assert str(root) in message and "train-images-idx3-ubyte" in message  # where, and what is missing

@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 from _train_helpers import ROOT
 
 from torch_backprop.cli import main, train
+from torch_backprop.cli.command import build_parser
 
 FAKE = ["train", "--dataset", "fake", "--fake-size", "64", "--hidden", "8", "--batch-size", "32"]
 
@@ -49,8 +51,9 @@ def command(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         ("--epochs", "0", "expected an integer >= 1"),
         ("--batch-size", "0", "expected an integer >= 1"),
         ("--epochs", "1.5", "expected an integer >= 1"),
-        ("--hidden", "", "expected at least 1 positive widths"),
-        ("--hidden", "64,0", "expected at least 1 positive widths"),
+        ("--hidden", "", "expected one or more widths such as 256,128"),
+        ("--hidden", "64,0", "expected positive widths (0 is not)"),
+        ("--hidden", "64,x", "expected widths as comma-separated integers such as 256,128"),
     ],
 )
 def test_out_of_range_options_are_one_line_before_any_data(
@@ -142,3 +145,42 @@ def test_valid_values_pass_the_types(value, tmp_path):
     out = tmp_path / "run"
     assert main([*FAKE, "--epochs", "1", "--lr", value, "--dropout", "0.5", "--out", str(out)]) == 0
     assert torch.load(out / "model.pt", weights_only=True)["layers.0.weight"].shape == (8, 784)
+
+
+def test_without_out_a_run_writes_into_a_new_run_folder_and_says_where(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(
+        train.time, "localtime", lambda now=None: time.struct_time((2026, 12, 7, 9, 5, 3, 0, 341, 0))
+    )
+    assert main([*FAKE, "--epochs", "1"]) == 0
+    out = tmp_path / "runs" / "fake-20261207-090503"
+    assert capsys.readouterr().out.startswith(
+        "no --out given: the run's files go to runs/fake-20261207-090503\n"
+    )
+    assert sorted(p.name for p in out.iterdir()) == [
+        "checkpoint.pt",
+        "curves.png",
+        "metrics.json",
+        "model.pt",
+    ]
+    assert main([*FAKE, "--epochs", "1"]) == 0  # the same second: a new folder beside it, not a refusal
+    assert "runs/fake-20261207-090503-2\n" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]  # nothing else written
+
+
+def test_abbreviations_are_not_options(no_data, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main([*FAKE, "--ep", "1", "--out", str(tmp_path / "run")])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err == (
+        "torch-backprop train: unrecognized arguments: --ep 1 (see torch-backprop train --help)\n"
+    )
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "hidden", [["16,8"], ["16-8"], ["16", "8"], ["16 8"]], ids=["commas", "dashes", "spaces", "quoted"]
+)
+def test_widths_are_read_in_each_way_users_write_them(hidden):
+    _, subcommands = build_parser(["train"])
+    assert subcommands["train"].parse_args(["--hidden", *hidden]).hidden == [16, 8]

@@ -56,10 +56,54 @@ def test_verify_fails_on_a_broken_backward(monkeypatch, capsys):
     assert "gradcheck" in out and "FAILED" in out and "verify: FAILED" in out
 
 
-def test_verify_rejects_bad_arguments(capsys):
-    with pytest.raises(SystemExit):
-        main(["verify", "--sizes", "8"])
-    assert main(["verify", "--sizes", "8,6,6,3", "--activation", "tanh,relu,relu"]) == 2
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--sizes", "8"], "argument --sizes: expected at least 2 sizes such as 784,256,10, got '8'"),
+        (["--sizes", "3,0,2"], "argument --sizes: expected positive sizes (0 is not), got '3,0,2'"),
+        (["--batch-size", "0"], "argument --batch-size: expected an integer >= 1, got '0'"),
+        (["--activation", "nope"], "argument --activation: unknown activation 'nope'"),
+    ],
+    ids=["one-size", "zero-size", "batch", "activation"],
+)
+def test_verify_refuses_bad_values_in_one_line(options, message, monkeypatch, capsys):
+    monkeypatch.setattr(BackpropMLP, "__init__", _no_model)
+    with pytest.raises(SystemExit) as exited:
+        main(["verify", *options])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and err.startswith(f"torch-backprop verify: {message}")
+    assert err.endswith(" (see torch-backprop verify --help)\n") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (
+            ["--sizes", "8,6,6,3", "--activation", "tanh,relu,relu"],
+            "--activation expected 1 name or 2 (one per hidden layer of --sizes 8,6,6,3), got 3: "
+            "tanh,relu,relu",
+        ),
+        (
+            ["--sizes", "2,3", "--activation", "relu"],
+            "--activation sets the hidden layers' activation, but --sizes 2,3 has none",
+        ),
+    ],
+    ids=["list-length", "no-hidden-layer"],
+)
+def test_verify_refuses_activations_that_do_not_fit_the_sizes(options, message, monkeypatch, capsys):
+    monkeypatch.setattr(BackpropMLP, "__init__", _no_model)
+    assert main(["verify", *options]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"torch-backprop verify: {message}") and err.count("\n") == 1
+
+
+def _no_model(*args, **kwargs):
+    raise AssertionError("a model was built before the options were checked")
+
+
+def test_verify_without_hidden_layers_runs_with_its_output_activation(capsys):
+    assert main(["verify", "--sizes", "2,3", "--output-activation", "tanh", "--no-gradcheck"]) == 0
+    assert "activations [tanh]" in capsys.readouterr().out
 
 
 def test_delta_norms_equal_an_independent_hand_written_chain_rule():

@@ -42,8 +42,14 @@ def test_noise_on_an_unclipped_convolution_is_refused_and_names_it() -> None:
     with per_sample(net.head, loss_reduction="sum", max_grad_norm=1e-3):
         F.cross_entropy(net(x), y, reduction="sum").backward()
     before = {name: p.detach().clone() for name, p in net.named_parameters()}
-    with pytest.raises(RuntimeError, match=r"conv\.weight, conv\.bias are not the clipped sum"):
+    with pytest.raises(RuntimeError) as refused:
         dp_sgd_step(net, sgd(net), 1.0, 1e-3, BATCH)
+    assert str(refused.value) == (
+        "dp_sgd_step: .grad is not the clipped sum of one per_sample block: the gradients of conv.weight, "
+        "conv.bias got no clipped backward (they are outside the per_sample block's model, or the "
+        "backward ran outside the block): run the forward and backward of every trainable parameter "
+        "inside per_sample(model, max_grad_norm=...)"
+    )
     for name, p in net.named_parameters():
         assert torch.equal(p, before[name]), f"{name} changed"
 
@@ -52,7 +58,9 @@ def test_a_plain_backward_outside_any_block_is_refused() -> None:
     model = make_mlp()
     x, y = make_data((BATCH,))
     batch_loss(model(x), y, "mean").backward()
-    with pytest.raises(RuntimeError, match="layers.0.weight, layers.0.bias"):
+    with pytest.raises(
+        RuntimeError, match=r"the gradients of layers\.0\.weight, layers\.0\.bias, .* got no clipped"
+    ):
         dp_sgd_step(model, sgd(model), 1.0, 1.0, BATCH)
 
 
@@ -62,7 +70,9 @@ def test_a_plain_backward_after_the_clipped_one_is_refused() -> None:
     with per_sample(model, max_grad_norm=0.1):
         batch_loss(model(x), y, "mean").backward()
     batch_loss(model(x), y, "mean").backward()  # adds an unclipped gradient
-    with pytest.raises(RuntimeError, match="not the clipped sum"):
+    with pytest.raises(
+        RuntimeError, match=r"layers\.2\.bias changed after the clipped backward \(an unclipped"
+    ):
         dp_sgd_step(model, sgd(model), 1.0, 0.1, BATCH)
 
 
@@ -72,8 +82,11 @@ def test_gradients_changed_after_clipping_are_refused() -> None:
     with per_sample(model, max_grad_norm=0.1):
         batch_loss(model(x), y, "mean").backward()
     model.layers[2].bias.grad.mul_(2.0)
-    with pytest.raises(RuntimeError, match=r"layers\.2\.bias are not the clipped sum"):
+    with pytest.raises(RuntimeError) as refused:
         dp_sgd_step(model, sgd(model), 1.0, 0.1, BATCH)
+    message = str(refused.value)
+    assert "the gradients of layers.2.bias changed after the clipped backward" in message
+    assert "call dp_sgd_step right after the clipped backward" in message and "layers.0" not in message
 
 
 def test_a_second_step_on_the_same_gradients_is_refused() -> None:
@@ -83,8 +96,19 @@ def test_a_second_step_on_the_same_gradients_is_refused() -> None:
         batch_loss(model(x), y, "mean").backward()
     optimizer = sgd(model)
     dp_sgd_step(model, optimizer, 1.0, 0.1, BATCH)
-    with pytest.raises(RuntimeError, match="not the clipped sum"):
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="were already noised and stepped on by dp_sgd_step") as refused:
         dp_sgd_step(model, optimizer, 1.0, 0.1, BATCH)
+    assert "call optimizer.zero_grad() and run a new clipped backward first" in str(refused.value)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
+    with per_sample(model, max_grad_norm=0.1):  # a new clipped backward without zero_grad(): stale
+        batch_loss(model(x), y, "mean").backward()
+    with pytest.raises(RuntimeError, match="were not zeroed before the clipped backward"):
+        dp_sgd_step(model, optimizer, 1.0, 0.1, BATCH)
+    optimizer.zero_grad()
+    with per_sample(model, max_grad_norm=0.1):
+        batch_loss(model(x), y, "mean").backward()
+    dp_sgd_step(model, optimizer, 1.0, 0.1, BATCH)  # zeroed, clipped again: a new step
 
 
 def test_a_threshold_other_than_the_clipping_one_is_refused() -> None:
@@ -92,8 +116,51 @@ def test_a_threshold_other_than_the_clipping_one_is_refused() -> None:
     x, y = make_data((BATCH,))
     with per_sample(model, max_grad_norm=0.1):
         batch_loss(model(x), y, "mean").backward()
-    with pytest.raises(RuntimeError, match="clipped with max_grad_norm=0.1, not 1.0"):
+    with pytest.raises(RuntimeError, match="clipped with max_grad_norm=0.1, not 1.0") as refused:
         dp_sgd_step(model, sgd(model), 1.0, 1.0, BATCH)
+    assert str(refused.value).endswith("pass max_grad_norm=0.1, or clip with 1.0")
+
+
+def test_gradients_left_from_an_unclipped_block_are_named_as_the_cause() -> None:
+    # the first DP-SGD example of docs/per_sample.md, before it zeroed the gradients between its blocks
+    model = make_mlp()
+    x, y = make_data((BATCH,))
+    with per_sample(model, loss_reduction="mean"):  # per-sample gradients, no clipping
+        batch_loss(model(x), y, "mean").backward()
+    with per_sample(model, loss_reduction="sum", max_grad_norm=1.0):
+        batch_loss(model(x), y, "sum").backward()
+    with pytest.raises(RuntimeError) as refused:
+        dp_sgd_step(model, sgd(model), 1.0, 1.0, BATCH, loss_reduction="mean")
+    message = str(refused.value)
+    assert (
+        "layers.0.weight, layers.0.bias, layers.1.weight, layers.1.bias, layers.2.weight, layers.2.bias"
+        in message
+    )
+    assert "were not zeroed before the clipped backward" in message and "changed after" not in message
+    assert message.endswith("call optimizer.zero_grad() before the per_sample block")
+
+
+def test_sums_clipped_by_different_rules_are_named_as_the_cause() -> None:
+    model = make_mlp()
+    x, y = make_data((BATCH,))
+    with per_sample(model, loss_reduction="sum", max_grad_norm=0.1):
+        batch_loss(model(x), y, "sum").backward()
+    with per_sample(model, loss_reduction="sum", max_grad_norm=0.2):
+        batch_loss(model(x), y, "sum").backward()
+    with pytest.raises(RuntimeError, match="were clipped by per_sample blocks with different rules"):
+        dp_sgd_step(model, sgd(model), 1.0, 0.1, BATCH)
+
+
+def test_a_parameter_without_gradient_is_named_as_the_cause() -> None:
+    model = make_mlp()
+    x, y = make_data((BATCH,))
+    with per_sample(model, loss_reduction="sum", max_grad_norm=0.1):
+        batch_loss(model(x), y, "sum").backward()
+    model.layers[1].weight.grad = None
+    with pytest.raises(
+        RuntimeError, match=r"the gradients of layers\.1\.weight are None \(no backward reached"
+    ):
+        dp_sgd_step(model, sgd(model), 1.0, 0.1, BATCH)
 
 
 def test_means_over_different_batch_sizes_are_refused() -> None:

@@ -8,12 +8,16 @@ CDF (``torch.special.ndtr``) and the first four moments, each against its standa
 from __future__ import annotations
 
 import math
+import os
+import random
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from torch_backprop import AdaptiveClipping, BackpropMLP, GaussianNoise, dp_sgd_step, per_sample
+from torch_backprop.firstorder import noise as noise_module
 from torch_backprop.firstorder.noise import CHUNK, secure_standard_normal
 
 SHAPES = [(300, 400), (300,), (2 * CHUNK + 17,), (7, 3)]  # several chunks, one shared, odd sizes
@@ -74,6 +78,79 @@ def test_secure_draws_are_standard_normal():
     assert_standard_normal(flat(noise.draw()), "secure draw")
     assert_standard_normal(secure_standard_normal(200_001), "secure_standard_normal")
     assert not torch.equal(flat(noise.draw()), flat(noise.draw()))
+
+
+class GivenBytes:
+    """``os.urandom`` as the noise module sees it: the bytes of a seeded stream, kept as handed out.
+
+    Only the noise module's ``os`` is replaced (by this proxy of the real one), so that the bytes are
+    exactly those its CSPRNG draws read, whatever else in the process reads ``os.urandom``.
+    """
+
+    def __init__(self, seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.stream, self.given = random.Random(seed), bytearray()
+        monkeypatch.setattr(noise_module, "os", self)
+
+    def urandom(self, count: int) -> bytes:
+        data = self.stream.randbytes(count)
+        self.given += data
+        return data
+
+    def __getattr__(self, name: str):
+        return getattr(os, name)
+
+
+def secure_reference(data: bytes, count: int) -> torch.Tensor:
+    """NZ2-NZ4 written out in Python floats from the bytes the CSPRNG gave, independently of torch.
+
+    Four Box-Muller pairs per two variates: uniform (k, i, j) is the 64-bit word (2k + i) P + j of the
+    bytes (P pairs; i = 0 the radius, 1 the angle); variate j < P sums the cosines, P + j the sines.
+    """
+    pairs = (count + 1) // 2
+    words = [int.from_bytes(data[8 * i : 8 * i + 8], sys.byteorder, signed=True) for i in range(8 * pairs)]
+    uniform = [(((w >> 11) & (2**53 - 1)) + 0.5) * 2.0**-53 for w in words]  # NZ2
+
+    def term(k: int, j: int, trig) -> float:
+        radius, angle = uniform[2 * k * pairs + j], uniform[(2 * k + 1) * pairs + j]
+        return math.sqrt(-2 * math.log(radius)) * trig(2 * math.pi * angle)  # NZ3
+
+    variates = [
+        sum(term(k, j, trig) for k in range(4)) / 2 for trig in (math.cos, math.sin) for j in range(pairs)
+    ]
+    return torch.tensor(variates[:count], dtype=torch.float64)  # NZ4
+
+
+# float64 round-off of the four Box-Muller terms against libm's: a few ulps of values below 10
+SECURE_ATOL = 1e-13
+
+
+@pytest.mark.parametrize("count", [1, 7, 8, 1001])
+def test_secure_normals_are_the_box_muller_transform_of_the_given_bytes(count, monkeypatch):
+    source = GivenBytes(count, monkeypatch)
+    drawn = secure_standard_normal(count)
+    assert len(source.given) == 64 * ((count + 1) // 2)  # 32 bytes a variate (a pair for an odd one)
+    torch.testing.assert_close(drawn, secure_reference(bytes(source.given), count), rtol=0, atol=SECURE_ATOL)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+def test_secure_dp_step_noise_is_sigma_c_over_b_times_the_given_normals(dtype, monkeypatch):
+    # An empty Poisson batch leaves S = 0: an SGD step with lr 1 moves the parameters by -(σ C / B) ξ.
+    model = BackpropMLP([4, 3, 2], dtype=dtype)
+    params = list(model.parameters())
+    count = sum(p.numel() for p in params)
+    source = GivenBytes(7, monkeypatch)
+    noise = GaussianNoise(params, secure=True, prefetch=False)
+    before = [p.detach().clone() for p in params]
+    optimizer = torch.optim.SGD(params, lr=1.0)
+    with per_sample(model, loss_reduction="sum", max_grad_norm=C):
+        F.cross_entropy(
+            model(torch.zeros(0, 4, dtype=dtype)), torch.zeros(0, dtype=torch.long), reduction="sum"
+        ).backward()
+    dp_sgd_step(model, optimizer, SIGMA, C, EXPECTED_BATCH, noise, loss_reduction="mean")
+    step = torch.cat([(b - p.detach()).flatten() for p, b in zip(params, before, strict=True)]).double()
+    xi = secure_reference(bytes(source.given), count).to(dtype).double()  # rounded to the dtype, as drawn
+    tolerance = {"rtol": 0, "atol": SECURE_ATOL} if dtype == torch.float64 else {"rtol": 3e-7, "atol": 1e-7}
+    torch.testing.assert_close(step, SIGMA * C / EXPECTED_BATCH * xi, **tolerance)
 
 
 @pytest.mark.parametrize(

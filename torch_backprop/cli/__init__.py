@@ -8,7 +8,8 @@
 * ``bench``: the ``bench`` command: the grid of cases and contenders and their measurement;
   ``bench_report``: its table and chart; ``timing``: interleaved rounds (also used by
   ``benchmarks/``);
-* ``options``: argparse types, ``ConfigError``, ``--device``; ``files``: atomic writes.
+* ``options``: the command-line convention that every command and example shares (``CommandParser``,
+  the widths format, option types, ``ConfigError``, ``--device``); ``files``: atomic writes.
 
 Import rule: the commands may import any of the library (``torch_backprop.core``, ``firstorder``,
 ``secondorder``); nothing in the library imports ``torch_backprop.cli``.

@@ -36,6 +36,7 @@ import argparse
 import contextlib
 import copy
 import os
+import re
 import statistics
 import sys
 import time
@@ -48,10 +49,11 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils import benchmark
 
+from ..core.activations import available_activations
 from ..core.module import BackpropMLP
 from .bench_report import format_table, impossible_ratios, plot_ratios
 from .files import write_json
-from .options import select_device
+from .options import module_available, number, output_file, parse_widths, select_device
 from .timing import TIMERS, machine_info, make_timer, measure_round, threads
 
 __all__ = [
@@ -104,6 +106,7 @@ DEFAULT_ACTIVATIONS = ("relu", "tanh", "gelu")
 CUDA_BATCH_FACTOR = 8
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_PLOT_INSTALL = "pip install 'torch-backprop[plot]'"
 
 
 @dataclass(frozen=True)
@@ -471,82 +474,175 @@ def run_benchmark(
 
 
 def parse_cases(text: str) -> list[tuple[tuple[int, ...], int]]:
-    """``"784-256-10@64,8-16-16-1@32"`` -> ``[((784, 256, 10), 64), ((8, 16, 16, 1), 32)]``.
+    """``"784,256,10@64 8,16,16,1@32"`` -> ``[((784, 256, 10), 64), ((8, 16, 16, 1), 32)]``.
+
+    Widths are written as every command writes them (:func:`~torch_backprop.cli.options.parse_widths`:
+    ``784,256,10``, or ``784-256-10``), each case's batch after ``@``; cases are separated by spaces
+    or commas, so the older ``"784-256-10@64,8-16-16-1@32"`` reads the same.
 
     Raises:
-        ValueError: an entry that is not ``W0-W1-...-WL@BATCH`` with positive integers.
+        ValueError: an entry that is not ``WIDTHS@BATCH`` with two or more positive widths and a
+            positive batch.
     """
+    example = "784,256,10@64"
+    pieces = text.split("@")
+    if len(pieces) < 2:
+        raise ValueError(f"expected cases WIDTHS@BATCH such as {example}, got {text!r}")
+    widths, batches = [pieces[0]], []
+    for middle in pieces[1:-1]:  # "BATCH,WIDTHS" or "BATCH WIDTHS": one case's batch, the next one's widths
+        match = re.fullmatch(r"\s*(\S+?)\s*(?:,\s*|\s+)(.*)", middle, flags=re.S)
+        if match is None:
+            raise ValueError(f"expected cases WIDTHS@BATCH such as {example}, got {text!r}")
+        batches.append(match[1])
+        widths.append(match[2])
+    batches.append(pieces[-1])
     shapes = []
-    for entry in filter(None, (part.strip() for part in text.split(","))):
+    for width_text, batch_text in zip(widths, batches, strict=True):
+        entry = f"{width_text.strip()}@{batch_text.strip()}"
         try:
-            widths, batch = entry.split("@")
-            sizes = tuple(int(n) for n in widths.split("-"))
-            shape = (sizes, int(batch))
-        except ValueError:
-            raise ValueError(f"a case is WIDTHS@BATCH such as 784-256-10@64, got {entry!r}") from None
-        if len(sizes) < 2 or min(*sizes, shape[1]) <= 0:
+            sizes = tuple(parse_widths(width_text, what="widths", example="784,256,10", at_least=2))
+        except argparse.ArgumentTypeError:
             raise ValueError(
-                "a case needs two or more positive widths and a positive batch, such as "
-                f"784-256-10@64, got {entry!r}"
-            )
-        shapes.append(shape)
-    if not shapes:
-        raise ValueError(f"expected at least one case such as 784-256-10@64, got {text!r}")
+                f"expected each case's widths as two or more positive integers, such as {example}, "
+                f"got {entry!r}"
+            ) from None
+        try:
+            batch = int(batch_text)
+        except ValueError:
+            batch = 0
+        if batch <= 0:
+            raise ValueError(f"expected a positive batch after @, such as {example}, got {entry!r}")
+        shapes.append((sizes, batch))
     return shapes
 
 
 # ---------------------------------------------------------------------------------------------
 # The command
 
+EPILOG = """\
+contenders (one column of times each; a step is: zero the gradients, forward, loss, backward):
+  manual     BackpropMLP, whose backward is the slides' δ recursion
+  fused      BackpropMLP.loss(x, y, loss): the loss inside the stack, one autograd node, the
+             recursion started from the slides' BP1
+  native     its twin nn.Sequential (model.to_sequential()) under plain autograd
+  compiled   the twin under torch.compile (compile time excluded; --no-compile leaves it out)
+  floor      the step's matrix multiplies alone, which any exact backprop does
+  recompute  BackpropMLP(recompute=True): keeps only its input and reruns the forward in backward
+ratios are step-time ratios (below 1: the first is faster); "saved" columns are the bytes each
+forward saves for backward, activations only. Example:
+  torch-backprop bench --cases 784,256,10@64 8,16,16,1@32 --activations relu,tanh --json bench.json
+"""
 
-def _case_list(text: str) -> list[tuple[tuple[int, ...], int]]:
-    try:
-        return parse_cases(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
+
+class _Cases(argparse.Action):
+    """``--cases``: every case given (``784,256,10@64 8,16,16,1@32``), checked as it is parsed."""
+
+    def __call__(self, parser: Any, namespace: Any, values: Any, option_string: Any = None) -> None:
+        try:
+            setattr(namespace, self.dest, parse_cases(" ".join(values)))
+        except ValueError as error:
+            raise argparse.ArgumentError(self, str(error)) from None
 
 
-def _names(text: str) -> list[str]:
-    return [name.strip() for name in text.split(",") if name.strip()]
+def _activation_names(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in available_activations()]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated activations from {', '.join(available_activations())}, got {text!r}"
+        )
+    return names
+
+
+def _dtype_names(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names or any(name not in DTYPES for name in names):
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated dtypes from {', '.join(DTYPES)}, got {text!r}"
+        )
+    return names
+
+
+_COUNT = number(int, low=1)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``bench`` subcommand's options."""
-    parser.add_argument("--cases", type=_case_list, help="grid shapes, e.g. 784-256-10@64,8-16-16-1@32")
+    parser.epilog = EPILOG
+    parser.add_argument(
+        "--cases",
+        nargs="+",
+        action=_Cases,
+        metavar="WIDTHS@BATCH",
+        help="the grid's shapes, such as 784,256,10@64 8,16,16,1@32 (default: six shapes from 8,16,16,1@32 "
+        "to 1024,1024,1024,1024@1024; with --quick: 8,16,16,1@32 and 32,64,64,64,64,1@128)",
+    )
     parser.add_argument("--quick", action="store_true", help="a tiny grid, ReLU only, short measurements")
-    parser.add_argument("--activations", type=_names, help="comma list (default relu,tanh,gelu)")
+    parser.add_argument(
+        "--activations",
+        type=_activation_names,
+        help="comma-separated hidden activations (default: relu,tanh,gelu; relu with --quick)",
+    )
     parser.add_argument(
         "--dtypes",
-        type=_names,
-        help="comma list of float32,bfloat16,float16 (default: float32, "
+        type=_dtype_names,
+        help="comma-separated dtypes from float32,bfloat16,float16 (default: float32, "
         "plus bfloat16 on CUDA devices that support it)",
     )
     parser.add_argument("--bf16", action="store_true", help="add bfloat16 to the dtypes (slow on CPU)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda[:N] or auto (default cpu)")
-    parser.add_argument("--threads", type=int, help="intra-op threads (default: torch's current setting)")
-    parser.add_argument("--rounds", type=int, help="interleaved rounds per case (default 5; 2 with --quick)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (CUDA when present)")
     parser.add_argument(
-        "--min-run-time", type=float, help="seconds per measurement (default 0.2; 0.05 with --quick)"
+        "--threads",
+        type=_COUNT,
+        help="intra-op threads of every measurement (default: torch's current setting)",
     )
-    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile contender")
+    parser.add_argument(
+        "--rounds",
+        type=_COUNT,
+        help="interleaved rounds per case, reported by their median (default: 5; 2 with --quick)",
+    )
+    parser.add_argument(
+        "--min-run-time",
+        type=number(float, low=0, low_open=True),
+        help="seconds per measurement (default: 0.2; 0.05 with --quick)",
+    )
+    parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile contender")
     parser.add_argument(
         "--timer",
         choices=sorted(TIMERS),
         default="wall",
-        help="wall time (default) or the process's CPU time, which load from other processes on a "
-        "shared CPU machine distorts far less",
+        help="wall time, or the process's CPU time, which load from other processes on a "
+        "shared CPU machine distorts far less (CPU only)",
     )
-    parser.add_argument("--no-larger-batches", action="store_true", help="on CUDA, skip the 8x batches")
-    parser.add_argument("--seed", type=int, default=0, help="seed of parameters and data (default 0)")
-    parser.add_argument("--json", metavar="FILE", help="also write the report as JSON")
-    parser.add_argument("--plot", metavar="FILE.png", help="also write a bar chart of the ratios")
+    parser.add_argument(
+        "--no-larger-batches",
+        action="store_true",
+        help=f"on CUDA the grid also runs every shape at {CUDA_BATCH_FACTOR}x its batch (the larger "
+        "batches); this leaves them out (no effect on the CPU)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the parameters and the data")
+    parser.add_argument(
+        "--json",
+        type=output_file,
+        metavar="FILE",
+        help="also write the report as JSON, in an existing folder",
+    )
+    parser.add_argument(
+        "--plot",
+        type=output_file,
+        metavar="FILE.png",
+        help="also write a bar chart of the ratios, in an existing folder (needs matplotlib)",
+    )
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
     """:class:`Settings` from the parsed options (``--quick`` sets the defaults it changes).
 
+    Everything is checked here, before any work: the values themselves by their argparse types.
+
     Raises:
-        ValueError: an unknown dtype, a CUDA device without CUDA, or non-positive counts.
+        ValueError: an unknown dtype, a CUDA device without CUDA, ``--timer cpu`` off the CPU,
+            ``--plot`` without matplotlib, ``--json`` and ``--plot`` naming one file.
     """
     device = select_device(args.device)
     dtypes = list(args.dtypes or ["float32"])
@@ -559,14 +655,13 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         raise ValueError(f"--dtypes takes {', '.join(DTYPES)}, got {', '.join(unknown)}")
     if args.timer == "cpu" and device.type != "cpu":
         raise ValueError(f"--timer cpu measures host CPU time; use the wall timer on {device}")
+    if args.plot is not None and not module_available("matplotlib"):
+        raise ValueError(f"--plot {args.plot} needs matplotlib, which is not installed: {_PLOT_INSTALL}")
+    if args.plot is not None and args.json is not None and args.plot.resolve() == args.json.resolve():
+        raise ValueError(f"--json and --plot expected two files, got {args.json} for both")
     rounds = args.rounds if args.rounds is not None else (2 if args.quick else 5)
     min_run_time = args.min_run_time if args.min_run_time is not None else (0.05 if args.quick else 0.2)
     threads = args.threads if args.threads is not None else torch.get_num_threads()
-    if rounds < 1 or min_run_time <= 0 or threads < 1:
-        raise ValueError(
-            f"--rounds, --min-run-time and --threads must be positive, got "
-            f"{rounds}, {min_run_time}, {threads}"
-        )
     shapes = args.cases or (QUICK_SHAPES if args.quick else DEFAULT_SHAPES)
     activations = args.activations or (["relu"] if args.quick else list(DEFAULT_ACTIVATIONS))
     return Settings(
@@ -607,12 +702,5 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         write_json(report, args.json, allow_nan=False)
     if args.plot:
-        try:
-            plot_ratios(report, args.plot)
-        except ImportError:
-            print(
-                "torch-backprop bench: --plot needs matplotlib (pip install torch-backprop[plot])",
-                file=sys.stderr,
-            )
-            return 1
+        plot_ratios(report, args.plot)
     return 0

@@ -2,19 +2,22 @@
 
 Each subcommand lives in its own module of :mod:`torch_backprop.cli` (``train.py``, ``verify.py``,
 ``bench.py``), which defines ``add_arguments(parser)`` and ``run(args) -> int``; this file only
-dispatches, importing a subcommand's module when it is used.
+dispatches, importing a subcommand's module when it is used. Every parser is a
+:class:`~torch_backprop.cli.options.CommandParser` (no abbreviations, one-line errors that point at
+the subcommand's ``--help``, defaults in the help), so a subcommand added to :data:`SUBCOMMANDS`
+follows the same conventions.
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from importlib import metadata
-from typing import NoReturn
 
-__all__ = ["SUBCOMMANDS", "main"]
+from .options import CommandParser
+
+__all__ = ["SUBCOMMANDS", "build_parser", "main"]
 
 # name -> (module, one-line help)
 SUBCOMMANDS = {
@@ -25,26 +28,33 @@ SUBCOMMANDS = {
 }
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, with a usage error in one line instead of the whole usage block first."""
+def build_parser(wanted: Iterable[str] = ()) -> tuple[CommandParser, dict[str, CommandParser]]:
+    """The ``torch-backprop`` parser and one parser per subcommand, with the options of those ``wanted``.
 
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+    Only the wanted subcommands' modules are imported (``torch-backprop train`` imports no bench code).
+    """
+    wanted = set(wanted)
+    parser = CommandParser(prog="torch-backprop", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    subcommands = {}
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        subcommands[name] = sub.add_parser(name, help=help_text, description=help_text)
+        if name in wanted:
+            importlib.import_module(module_name).add_arguments(subcommands[name])
+    return parser, subcommands
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` and run the chosen subcommand; returns its exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = _Parser(prog="torch-backprop", description=__doc__.splitlines()[0])
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
-    wanted = argv[0] if argv and argv[0] in SUBCOMMANDS else None
-    for name, (module_name, help_text) in SUBCOMMANDS.items():
-        sub_parser = sub.add_parser(name, help=help_text, description=help_text)
-        if name == wanted:
-            importlib.import_module(module_name).add_arguments(sub_parser)
-    args = parser.parse_args(argv)
+    parser, subcommands = build_parser(argv[:1])
+    args, unknown = parser.parse_known_args(argv)
+    if (
+        unknown
+    ):  # argparse leaves a subcommand's unknown options to the top level; its --help is the one to read
+        subcommands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     return int(importlib.import_module(SUBCOMMANDS[args.command][0]).run(args) or 0)
 
 

@@ -164,7 +164,7 @@ def optimizer_step(
         loss = parts[0] + parts[1]
         loss.backward()
         if not terms:
-            terms.extend(float(p) for p in parts)
+            terms.extend(float(p.detach()) for p in parts)
         return loss
 
     loss = optimizer.step(closure)

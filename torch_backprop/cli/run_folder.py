@@ -206,12 +206,12 @@ class RunFolder:
     def __init__(self, out: Path | None, *, resume: Path | None, overwrite: bool) -> None:
         self.out, self.resume, self.overwrite = out, resume, overwrite
         self._fd: int | None = None
-        self._created = False
+        self._created: list[Path] = []
 
     def __enter__(self) -> RunFolder:
         if self.out is None:
             return self
-        self._created = not self.out.exists()
+        self._created = [f for f in (self.out, *self.out.parents) if not f.exists()]  # deepest first
         try:
             self.out.mkdir(parents=True, exist_ok=True)
             self._lock()
@@ -266,9 +266,11 @@ class RunFolder:
                 os.unlink(self.out / LOCK)
             os.close(self._fd)
             self._fd = None
-        if self._created:
-            with contextlib.suppress(OSError):
-                self.out.rmdir()  # only when empty: a run that failed before writing anything
+        for folder in self._created:  # only when empty: a run that failed before writing anything
+            try:
+                folder.rmdir()
+            except OSError:
+                break
 
 
 def write_epoch(

@@ -45,17 +45,22 @@ from ..core.module import BackpropMLP
 from ..firstorder.per_sample import per_sample
 from . import private, run_folder
 from .data import DATASETS, DataError, default_data_root, expected_files, load_dataset
-from .options import ConfigError, number, positive_ints, select_device
+from .options import ConfigError, add_widths, number, select_device
 
-__all__ = ["ProcessGroup", "Trainee", "add_arguments", "fit", "learning_rate", "run", "validate"]
+__all__ = [
+    "ProcessGroup",
+    "Trainee",
+    "add_arguments",
+    "default_out",
+    "fit",
+    "learning_rate",
+    "run",
+    "validate",
+]
 
 
 # ---------------------------------------------------------------------------------------------
 # The options.
-
-
-def _int_list(text: str) -> list[int]:
-    return positive_ints(text, what="widths", example="256,128", at_least=1)
 
 
 _COUNT = number(int, low=1)  # epochs, samples, batch size, step size
@@ -100,9 +105,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
     model = parser.add_argument_group("model")
-    model.add_argument(
-        "--hidden", type=_int_list, default=[256], metavar="W1,W2,...", help="hidden widths (default: 256)"
-    )
+    add_widths(model, "--hidden", default=[256], help="hidden widths", example="256,128")
     model.add_argument(
         "--activation",
         default="relu",
@@ -167,7 +170,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--out",
         type=Path,
         default=None,
-        help="write metrics.json, model.pt, checkpoint.pt and curves.png here",
+        help="write metrics.json, model.pt, checkpoint.pt and curves.png here (default: a new folder "
+        "runs/DATASET-YYYYmmdd-HHMMSS in the current folder)",
     )
     runtime.add_argument(
         "--resume",
@@ -188,7 +192,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def validate(args: argparse.Namespace) -> None:
     """Check what argparse's types cannot check alone, before anything is loaded or written.
 
-    ``--resume DIR`` without ``--out`` writes into ``DIR``.
+    ``--resume DIR`` without ``--out`` writes into ``DIR``; a new run without ``--out`` into
+    :func:`default_out`.
 
     Raises:
         ConfigError: an unusable ``--out`` or ``--resume`` folder; ``--dp`` options that cannot be
@@ -199,9 +204,24 @@ def validate(args: argparse.Namespace) -> None:
             raise ConfigError(f"--resume expected the folder of a run, got {args.resume} (not a folder)")
         if args.out is None:
             args.out = args.resume
-    if args.out is not None:
-        run_folder.check_out(args.out)
+    if args.out is None:
+        args.out = default_out(args.dataset)
+    run_folder.check_out(args.out)
     private.validate(args)
+
+
+def default_out(dataset: str, now: float | None = None) -> Path:
+    """``runs/DATASET-YYYYmmdd-HHMMSS`` in the current folder, the run folder of a run without ``--out``.
+
+    A suffix (``-2``, ``-3``, ...) keeps it new when a run of the same second has taken the name.
+    """
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
+    out = Path("runs") / f"{dataset}-{stamp}"
+    count = 1
+    while out.exists():
+        count += 1
+        out = Path("runs") / f"{dataset}-{stamp}-{count}"
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -584,7 +604,10 @@ def run(args: argparse.Namespace) -> int:
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:
+        chosen = args.out is not None or args.resume is not None
         validate(args)
+        if not chosen and int(os.environ.get("RANK", "0")) == 0:
+            print(f"no --out given: the run's files go to {args.out}", flush=True)
         fit(args)
     except (DataError, ConfigError) as error:
         print(f"torch-backprop train: {error}", file=sys.stderr)

@@ -39,18 +39,15 @@ from ..core.testing import (
     seeded_loss,
     tolerances,
 )
-from .options import number, positive_ints, select_device
+from .options import add_widths, number, select_device
 
 __all__ = ["add_arguments", "delta_norms", "output_deltas", "run"]
 
 _TOLERANCE = number(float, low=0)
+_COUNT = number(int, low=1)
 
 _DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16}
 _GRADCHECK_FULL_LIMIT = 2000  # parameters + inputs up to which gradcheck builds the full Jacobian
-
-
-def _int_list(text: str) -> list[int]:
-    return positive_ints(text, what="sizes", example="784,256,10", at_least=2)
 
 
 def _activation_list(text: str) -> list[str]:
@@ -66,20 +63,22 @@ def _activation_list(text: str) -> list[str]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``verify`` options to ``parser``."""
-    parser.add_argument(
+    add_widths(
+        parser,
         "--sizes",
-        type=_int_list,
         default=[784, 256, 10],
-        metavar="N0,N1,...,NL",
-        help="layer widths, input first (default: 784,256,10)",
+        help="layer widths, input first",
+        what="sizes",
+        example="784,256,10",
+        at_least=2,
     )
     parser.add_argument(
         "--activation",
         type=_activation_list,
-        default=["relu"],
+        default=None,
         metavar="NAME[,NAME...]",
-        help="hidden activation, or one per hidden layer (default: relu); "
-        f"one of: {', '.join(available_activations())}",
+        help="hidden activation, or one per hidden layer (default: relu; --sizes needs a hidden layer "
+        f"for it); one of: {', '.join(available_activations())}",
     )
     parser.add_argument(
         "--output-activation",
@@ -88,10 +87,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="activation of the last layer (default: identity)",
     )
     parser.add_argument("--no-bias", action="store_true", help="layers without bias")
-    parser.add_argument("--dtype", choices=list(_DTYPES), default="float64", help="(default: float64)")
-    parser.add_argument("--batch-size", type=int, default=16, help="rows of random input (default: 16)")
-    parser.add_argument("--seed", type=int, default=0, help="(default: 0)")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu", help="(default: cpu)")
+    parser.add_argument(
+        "--dtype", choices=list(_DTYPES), default="float64", help="the model's and the data's dtype"
+    )
+    parser.add_argument("--batch-size", type=_COUNT, default=16, help="rows of random input (default: 16)")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the parameters and the data (default: 0)"
+    )
+    parser.add_argument(
+        "--device", choices=["auto", "cpu", "cuda"], default="cpu", help="auto: CUDA when present"
+    )
     parser.add_argument(
         "--rtol", type=_TOLERANCE, default=None, help="default: torch.testing's for the dtype"
     )
@@ -224,21 +229,36 @@ def _label(name: str) -> str:
     return f"∂{'W' if kind == 'weight' else 'b'}^({index})"
 
 
+def _hidden_activation(args: argparse.Namespace) -> str | list[str]:
+    """``--activation`` as BackpropMLP takes it: one name, or one per hidden layer of ``--sizes``.
+
+    Raises:
+        ValueError: names given for a stack without hidden layers, or a list of the wrong length.
+    """
+    sizes = ",".join(map(str, args.sizes))
+    hidden = len(args.sizes) - 2
+    if args.activation is None:
+        return "relu"
+    if hidden == 0:
+        raise ValueError(
+            f"--activation sets the hidden layers' activation, but --sizes {sizes} has none; expected "
+            f"three or more --sizes, or --output-activation for the one layer, got --activation "
+            f"{','.join(args.activation)}"
+        )
+    if len(args.activation) == 1:
+        return args.activation[0]
+    if len(args.activation) != hidden:
+        raise ValueError(
+            f"--activation expected 1 name or {hidden} (one per hidden layer of --sizes {sizes}), "
+            f"got {len(args.activation)}: {','.join(args.activation)}"
+        )
+    return args.activation
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the ``verify`` command; returns 0 when everything matches, 1 otherwise."""
-    if args.batch_size <= 0:
-        print(f"torch-backprop verify: --batch-size must be positive, got {args.batch_size}", file=sys.stderr)
-        return 2
-    hidden_count = len(args.sizes) - 2
-    activation = args.activation if len(args.activation) > 1 else args.activation[0]
-    if isinstance(activation, list) and len(activation) != hidden_count:
-        print(
-            f"torch-backprop verify: --activation lists {len(activation)} names for {hidden_count} hidden "
-            "layers",
-            file=sys.stderr,
-        )
-        return 2
     try:
+        activation = _hidden_activation(args)
         device = select_device(args.device)
     except ValueError as error:
         print(f"torch-backprop verify: {error}", file=sys.stderr)

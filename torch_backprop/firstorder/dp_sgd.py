@@ -11,7 +11,10 @@ A privacy guarantee that does not hold is the worst bug this package can have, s
 (and names the parameters) unless every trainable parameter's ``.grad`` is exactly what clipping
 left in it: each clipped backward records, per parameter, which tensor ``.grad`` then was and its
 version counter; anything that touches ``.grad`` afterwards (an unclipped backward, an in-place
-change, DDP's averaging) breaks the match. Under ``torch.distributed`` the clipped sums of all
+change, DDP's averaging) breaks the match. The refusal says which cause it saw, each with its fix:
+gradients already there before the clipped backward (not zeroed), changed after it, a second step
+on the same gradients, no clipped backward at all, sums clipped by different rules, or a
+threshold other than the block's. Under ``torch.distributed`` the clipped sums of all
 processes are added and the noise is drawn once, on rank 0 (as Opacus's ``DistributedDPOptimizer``
 does), so every process takes the same step as one process would on the global batch.
 """
@@ -47,13 +50,32 @@ class _Clipped:
     scales: set[int] = field(default_factory=set)  # s per backward: S = s * .grad when all equal
 
 
-_records: WeakIdKeyDictionary = WeakIdKeyDictionary()
+@dataclass
+class _Refused:
+    """Why a parameter's ``.grad`` is not a clipped sum, seen when it happened.
+
+    ``cause``: ``"stale"`` (``.grad`` held an unclipped gradient before a clipped backward added to
+    it), ``"rules"`` (two clipped sums by different rules or reductions), ``"stepped"`` (``grad`` at
+    ``version`` is what :func:`dp_sgd_step` left after noising it and stepping).
+    """
+
+    cause: str
+    grad: Tensor | None = None
+    version: int = -1
+
+
+_records: WeakIdKeyDictionary = WeakIdKeyDictionary()  # param -> _Clipped | _Refused
 
 
 def _matches(param: Tensor) -> _Clipped | None:
     record = _records.get(param)
     grad = param.grad
-    if record is None or grad is None or grad is not record.grad or grad._version != record.version:
+    if (
+        not isinstance(record, _Clipped)
+        or grad is None
+        or grad is not record.grad
+        or grad._version != record.version
+    ):
         return None
     return record
 
@@ -81,9 +103,10 @@ def record_clipped(
     :class:`~torch_backprop.firstorder.per_sample.PerSample` at the end of each clipped backward.
     """
     previous = _records.pop(param, None)
-    if not clean:
+    if not clean:  # an unclipped gradient, or a stepped one, was there before this backward added to it
+        _records[param] = _Refused("stale")
         return
-    if previous is None or previous.grad is not grad:  # .grad was None or zero: a fresh sum
+    if not isinstance(previous, _Clipped) or previous.grad is not grad:  # .grad was None or zero: a fresh sum
         _records[param] = _Clipped(grad, version, rule, loss_reduction, samples, unclipped, {scale})
     elif previous.rule.spec() == rule.spec() and previous.loss_reduction == loss_reduction:
         _records[param] = _Clipped(
@@ -95,7 +118,8 @@ def record_clipped(
             previous.unclipped + unclipped,
             previous.scales | {scale},
         )
-    # else: sums clipped by different rules have no single sensitivity; the record is dropped
+    else:  # sums clipped by different rules have no single sensitivity
+        _records[param] = _Refused("rules")
 
 
 def dp_sgd_step(
@@ -157,8 +181,11 @@ def dp_sgd_step(
             ``"mean"``, an unknown ``loss_reduction``, or a ``GaussianNoise`` made for other
             parameters (shapes, dtypes or devices).
         RuntimeError: a trainable parameter whose gradient is not exactly the clipped sum of one
-            ``per_sample`` block (unclipped, changed since, clipped by another block, or absent);
-            a threshold other than the block's.
+            ``per_sample`` block, the message saying which cause it saw and its fix: gradients
+            already there before the clipped backward (no ``zero_grad()`` before it), changed after
+            it (an unclipped backward, an in-place change, DDP's averaging), a second step on the
+            same gradients, no clipped backward (or no gradient) at all, sums clipped by different
+            rules or blocks; a threshold other than the block's.
     """
     if not (noise_multiplier >= 0 and math.isfinite(noise_multiplier)):
         raise ValueError(f"dp_sgd_step expects a finite noise_multiplier >= 0, got {noise_multiplier}")
@@ -211,8 +238,8 @@ def dp_sgd_step(
             if noise is not None:
                 grad.add_(noise, alpha=std * average)
             grads.append(grad)
-        for _, param in named:
-            _records.pop(param, None)
+        for _, param in named:  # a second step on these gradients is refused, and says so
+            _records[param] = _Refused("stepped", param.grad, param.grad._version)
         counts = torch.tensor([float(first.unclipped), float(first.samples)], dtype=torch.float64)
         if adaptive is not None and noisy:
             counts[0] += adaptive.unclipped_num_std * (
@@ -255,14 +282,15 @@ def _check(
     named: list[tuple[str, Tensor]], max_grad_norm: Any, loss_reduction: str | None, batch_size: int | None
 ) -> str | None:
     """Why the gradients of ``named`` are not one block's clipped sums, or ``None`` if they are."""
-    unclipped = [name for name, param in named if _matches(param) is None]
-    if unclipped:
-        return (
-            f"the gradients of {', '.join(unclipped)} are not the clipped sum of a per_sample block "
-            "(no clipped backward reached them, or something changed .grad after it: an unclipped "
-            "backward, an in-place change, DDP's averaging); run the forward and backward of every "
-            "trainable parameter inside per_sample(model, max_grad_norm=...) and step right after"
+    causes: dict[str, list[str]] = {}
+    for name, param in named:
+        if _matches(param) is None:
+            causes.setdefault(_cause(param), []).append(name)
+    if causes:
+        found = "; ".join(
+            f"the gradients of {', '.join(names)} {_CAUSES[cause]}" for cause, names in causes.items()
         )
+        return f".grad is not the clipped sum of one per_sample block: {found}"
     records = [_records[param] for _, param in named]
     trainable = {id(param) for _, param in named}
     for record in records:
@@ -274,7 +302,11 @@ def _check(
             )
     rule = records[0].rule
     if max_grad_norm is not None and not rule.given_as(max_grad_norm):
-        return f"the gradients were clipped with max_grad_norm={rule.given!r}, not {max_grad_norm!r}"
+        return (
+            f"the gradients were clipped with max_grad_norm={rule.given!r}, not {max_grad_norm!r}: the "
+            f"noise must match the threshold they were clipped to; pass max_grad_norm={rule.given!r}, "
+            f"or clip with {max_grad_norm!r}"
+        )
     if (loss_reduction or records[0].loss_reduction) == "mean" and batch_size is None:
         return "loss_reduction 'mean' needs batch_size, the expected logical batch size to average by"
     scales = set().union(*(record.scales for record in records))
@@ -285,3 +317,48 @@ def _check(
             "use loss_reduction='sum'"
         )
     return None
+
+
+_CAUSES = {
+    "stale": (
+        "were not zeroed before the clipped backward (an earlier backward's, or the last step's, were "
+        "still there), so .grad holds more than the clipped sum: call optimizer.zero_grad() before the "
+        "per_sample block"
+    ),
+    "changed": (
+        "changed after the clipped backward (an unclipped backward, an in-place change of .grad, or "
+        "DDP's averaging): call dp_sgd_step right after the clipped backward (under DDP, run it in "
+        "no_sync())"
+    ),
+    "stepped": (
+        "were already noised and stepped on by dp_sgd_step: a second step on the same gradients is not "
+        "a new private step; call optimizer.zero_grad() and run a new clipped backward first"
+    ),
+    "rules": (
+        "were clipped by per_sample blocks with different rules or reductions, so no single sensitivity "
+        "bounds their sum: clip every backward of the logical batch with the same per_sample options"
+    ),
+    "unclipped": (
+        "got no clipped backward (they are outside the per_sample block's model, or the backward ran "
+        "outside the block): run the forward and backward of every trainable parameter inside "
+        "per_sample(model, max_grad_norm=...)"
+    ),
+    "absent": (
+        "are None (no backward reached them): run the forward and backward of every trainable "
+        "parameter inside per_sample(model, max_grad_norm=...), or set requires_grad=False on them"
+    ),
+}
+
+
+def _cause(param: Tensor) -> str:
+    """Which of :data:`_CAUSES` keeps ``param.grad`` from being one block's clipped sum."""
+    record, grad = _records.get(param), param.grad
+    if grad is None:
+        return "absent"
+    if isinstance(record, _Refused):
+        if record.cause == "stepped" and (grad is not record.grad or grad._version != record.version):
+            return "stale"  # the last step's gradients, added to or changed since
+        return record.cause
+    if isinstance(record, _Clipped):
+        return "changed"
+    return "unclipped"

@@ -9,12 +9,14 @@ gradient in those coordinates and the operator applied to it, from :mod:`torch_b
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
+from ..core.activations import zero_second_derivative
 from ..core.checks import check_input
 from ..core.module import BackpropMLP
 from .function import taylor_derivatives
@@ -98,9 +100,42 @@ def input_derivatives(
         >>> u, grad, u_ss = input_derivatives(model, x, coordinates=[1], diagonal=torch.ones(1))
         >>> grad.shape, u_ss.shape
         (torch.Size([256, 1, 1]), torch.Size([256, 1]))
+
+    Warns:
+        UserWarning: every activation of ``model`` has σ'' ≡ 0 (``identity``, ``relu``,
+            ``leaky_relu``), so the operator's second-order part is 0 at every point; shown once
+            per calling line (Python's default warning filter).
     """
+    return _input_derivatives(model, input, coordinates, diagonal, matrix, drift, "input_derivatives")
+
+
+def laplacian(model: BackpropMLP, input: Tensor) -> InputDerivatives:
+    r"""u, ∇u and the Laplacian Δu = Σ_i ∂²u/∂x_i² of ``model`` at ``input``, in one forward pass.
+
+    :func:`input_derivatives` with every coordinate and C = I (its errors and warning name
+    ``laplacian``).
+
+    Example:
+        >>> model = BackpropMLP([10, 128, 128, 1], "tanh")
+        >>> u, grad, lap = laplacian(model, torch.rand(512, 10))
+        >>> lap.shape
+        torch.Size([512, 1])
+    """
+    return _input_derivatives(model, input, None, None, None, None, "laplacian")
+
+
+def _input_derivatives(
+    model: BackpropMLP,
+    input: Tensor,
+    coordinates: Sequence[int] | Tensor | None,
+    diagonal: Tensor | None,
+    matrix: Tensor | None,
+    drift: Tensor | None,
+    caller: str,
+) -> InputDerivatives:
+    """:func:`input_derivatives`, its errors and warning naming ``caller``, the function the user called."""
     weights, biases, c = checked_operator(
-        model, input, "input_derivatives", coordinates, diagonal, matrix, drift
+        model, input, caller, coordinates, diagonal, matrix, drift, warn_stacklevel=4
     )
     leading = input.shape[:-1]
     x = input.reshape(-1, input.shape[-1])
@@ -122,11 +157,14 @@ def checked_operator(
     diagonal: Tensor | None = None,
     matrix: Tensor | None = None,
     drift: Tensor | None = None,
+    *,
+    warn_stacklevel: int | None = None,
 ) -> tuple[list[Tensor], list[Tensor | None], Coefficients]:
     """The model's weights and biases and the checked :class:`Coefficients`, or one clear error.
 
     Every check :func:`input_derivatives` documents, before anything is computed; ``caller`` names
-    the public function in the messages.
+    the public function in the messages. With ``warn_stacklevel`` (the user's frame, counted from
+    here), the warning for a model whose every σ'' is zero.
     """
     if not isinstance(model, BackpropMLP):
         raise TypeError(f"{caller} expects a torch_backprop.BackpropMLP, got {type(model).__name__}")
@@ -145,21 +183,17 @@ def checked_operator(
             f"{caller} needs σ'' of every activation; {', '.join(missing)} has none "
             "(register it with second_derivative=...)"
         )
-    return weights, biases, _coefficients(input, coordinates, diagonal, matrix, drift, caller)
-
-
-def laplacian(model: BackpropMLP, input: Tensor) -> InputDerivatives:
-    r"""u, ∇u and the Laplacian Δu = Σ_i ∂²u/∂x_i² of ``model`` at ``input``, in one forward pass.
-
-    :func:`input_derivatives` with every coordinate and C = I.
-
-    Example:
-        >>> model = BackpropMLP([10, 128, 128, 1], "tanh")
-        >>> u, grad, lap = laplacian(model, torch.rand(512, 10))
-        >>> lap.shape
-        torch.Size([512, 1])
-    """
-    return input_derivatives(model, input)
+    c = _coefficients(input, coordinates, diagonal, matrix, drift, caller)
+    flat = all(a.second_derivative is zero_second_derivative for a in model.activations)
+    if warn_stacklevel is not None and flat:
+        names = ", ".join(dict.fromkeys(a.name for a in model.activations))
+        warnings.warn(
+            f"{caller}: every activation of this BackpropMLP ({names}) has σ'' ≡ 0, so the second-order "
+            "part of the operator is 0 at every point (Δu ≡ 0), and a PDE loss of it has no second-order "
+            "term; for second derivatives use a smooth activation such as tanh, gelu, silu or softplus",
+            stacklevel=warn_stacklevel,
+        )
+    return weights, biases, c
 
 
 def _parameters(model: BackpropMLP, caller: str) -> tuple[list[Tensor], list[Tensor | None]]:

@@ -254,7 +254,9 @@ def residual_jacobian(
         ]
         if given:
             raise ValueError(f"{caller} with order=0 takes no operator, got {', '.join(given)}")
-    weights, biases, c = checked_operator(model, points, caller, coordinates, diagonal, matrix, drift)
+    weights, biases, c = checked_operator(
+        model, points, caller, coordinates, diagonal, matrix, drift, warn_stacklevel=3 if order == 2 else None
+    )
     if order == 0:
         c = None
     weight = _checked_weight(weight, points, caller)
