@@ -9,6 +9,10 @@ Two parts, each optional:
   collected here. Reported per (problem, optimiser): the absolute RMS error (the authors' metric,
   on 10 N_Ω fixed test points) and the relative L2 error after the last step, median and range
   over the seeds, and the median curve at each logged step.
+* ``--authors PROBLEM:STEPS:OPTIMIZER ...`` with ``--authors-python``: the authors' own ENGD
+  (``benchmarks/authors_engd.py``, run by that interpreter, their package installed there; ENGD:
+  their dense Gramian, RNGD: their Woodbury ENGD) beside ours for the same steps, network, initial
+  weights and points, in the same invocation: seconds a step and the errors after the steps.
 * ``--timing PROBLEM ...``: one step of each contender on the problem's model and points, timed in
   interleaved rotated rounds (``torch_backprop.cli.timing.interleaved_medians``): ``engd`` (the
   grid line search), ``engd fixed lr`` (no line search), ``floor`` (what the step cannot avoid: given
@@ -26,8 +30,12 @@ Run from the repository root, for example:
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +59,15 @@ def run_spec(text: str) -> tuple[str, int]:
             f"expected PROBLEM:STEPS with PROBLEM one of {', '.join(PROBLEMS)}, got {text!r}"
         )
     return name, int(steps)
+
+
+def authors_spec(text: str) -> tuple[str, int, str]:
+    """``"poisson5d:50:ENGD"`` -> ``("poisson5d", 50, "ENGD")``."""
+    parts = text.split(":")
+    if len(parts) != 3 or parts[2] not in ("ENGD", "RNGD"):
+        raise argparse.ArgumentTypeError(f"expected PROBLEM:STEPS:ENGD|RNGD, got {text!r}")
+    name, steps = run_spec(f"{parts[0]}:{parts[1]}")
+    return name, steps, parts[2]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -84,6 +101,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=Path("benchmarks/results/pinn-runs"),
         help="the runs' folders (default: %(default)s)",
     )
+    parser.add_argument(
+        "--authors", type=authors_spec, nargs="*", default=[],
+        help="PROBLEM:STEPS:ENGD|RNGD runs of the authors' ENGD beside ours",
+    )
+    parser.add_argument("--authors-python", type=Path, default=None, help="the authors' environment's python")
+    parser.add_argument(
+        "--authors-pythonpath", default="", help="extra PYTHONPATH there (a stand-in hessianfree package)"
+    )  # fmt: skip
     parser.add_argument(
         "--timing",
         nargs="*",
@@ -231,12 +256,42 @@ def timing(problem_name: str, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def side_by_side(problem: str, steps: int, theirs: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Our ENGD and the authors' for ``steps`` steps from the same start: seconds a step, errors after."""
+    with tempfile.TemporaryDirectory() as folder:
+        run = argparse.Namespace(
+            problem=problem, optimizer="engd", steps=steps, seed=0, dtype="float64", lr=None,
+            damping=1e-10, momentum=0.0, log_every=steps, out=Path(folder) / "ours", resume=None, quiet=True,
+        )  # fmt: skip
+        ours = train(run)["log"][-1]
+        result = Path(folder) / "theirs.json"
+        script = Path(__file__).with_name("authors_engd.py")
+        paths = [str(Path(__file__).resolve().parents[1]), *filter(None, args.authors_pythonpath.split(":"))]
+        env = {**os.environ, "PYTHONPATH": ":".join(paths)}
+        command = [str(args.authors_python), str(script), "--problem", problem, "--optimizer", theirs]
+        command += ["--steps", str(steps), "--json", str(result)]
+        subprocess.run(command, env=env, check=True)
+        authors = json.loads(result.read_text())
+    theirs_last = authors["log"][-1]
+    return {
+        "problem": problem, "steps": steps, "theirs": theirs, "parameters": authors["parameters"],
+        "ours_s_per_step": ours["seconds"] / steps, "theirs_s_per_step": theirs_last["seconds"] / steps,
+        "ours_over_theirs": (ours["seconds"] / steps) / (theirs_last["seconds"] / steps),
+        "ours_rms_error": ours["rms_error"], "theirs_rms_error": theirs_last["rms_error"],
+        "ours_relative_l2": ours["relative_l2"], "theirs_relative_l2": theirs_last["relative_l2"],
+        "theirs_damping": authors["damping"], "theirs_log": authors["log"],
+    }  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.authors and args.authors_python is None:
+        raise SystemExit("benchmarks/pinn.py: --authors needs --authors-python (the authors' environment)")
     results: dict[str, Any] = {
         "machine": machine_info("cpu", args.threads),
         "runs": {},
         "timing": [],
+        "authors": [],
     }
     for problem, steps in args.runs:
         for optimizer in args.optimizers:
@@ -262,6 +317,14 @@ def main(argv: list[str] | None = None) -> int:
             + ", ".join(f"{name} {ms:.1f} ms" for name, ms in times.items())
             + f"; engd/floor {result['engd_over_floor']:.2f}, "
             f"fixed/floor {result['engd_fixed_over_floor']:.2f}, engd/adam {result['engd_over_adam']:.1f}"
+        )
+    for problem, steps, theirs in args.authors:
+        result = side_by_side(problem, steps, theirs, args)
+        results["authors"].append(result)
+        print(
+            f"{problem:15s} {steps} steps, ours vs the authors' {theirs}: {result['ours_s_per_step']:.3f} vs "
+            f"{result['theirs_s_per_step']:.3f} s/step ({result['ours_over_theirs']:.2f}x); RMS error "
+            f"{result['ours_rms_error']:.2e} vs {result['theirs_rms_error']:.2e}"
         )
     if args.json is not None:
         write_json(results, args.json)
