@@ -122,6 +122,31 @@ def test_momentum_is_heavy_ball_on_the_update():
     assert_step_close(optimizer.state["engd"]["update"], u2, 0 * u2, J1, 1e-6, "u2")
 
 
+def test_the_averaged_gramian_is_the_authors_moving_average():
+    # EN4 over two steps from G_0 = I: G_1 = β I + (1-β) J̃₀ᵀJ̃₀, G_2 = β G_1 + (1-β) J̃₁ᵀJ̃₁.
+    model, x_in, x_bd = problem(8, 4)  # N < D: the average makes "auto" solve in parameter space
+    probe, beta, damping = copy.deepcopy(model), 0.3, 1e-6
+    optimizer = ENGD(
+        model.parameters(), lr=0.5, damping=damping, line_search_fn=None, ema_factor=beta,
+        initialize_to_identity=True,
+    )  # fmt: skip
+    closure = closure_of(model, x_in, x_bd)
+    optimizer.step(closure)
+    theta1 = flat(model)
+    optimizer.step(closure)
+    J0, r0 = dense_system(probe, x_in, x_bd)
+    eye = torch.eye(J0.shape[1], dtype=torch.float64)
+    G1 = beta * eye + (1 - beta) * J0.t() @ J0
+    expected1 = flat(probe) - 0.5 * torch.linalg.solve(G1 + damping * eye, J0.t() @ r0)
+    assert_close(theta1, expected1, F64, "θ1")
+    torch.nn.utils.vector_to_parameters(theta1, probe.parameters())
+    J1, r1 = dense_system(probe, x_in, x_bd)
+    G2 = beta * G1 + (1 - beta) * J1.t() @ J1
+    expected2 = theta1 - 0.5 * torch.linalg.solve(G2 + damping * eye, J1.t() @ r1)
+    assert_close(flat(model), expected2, F64, "θ2")
+    assert_close(optimizer.state["engd"]["gramian"], G2, F64, "G_2")
+
+
 def test_the_grid_line_search_takes_the_lowest_loss_on_the_grid():
     model, x_in, x_bd = problem(30, 10)
     grid = [2.0**-k for k in range(8, -1, -1)]
@@ -184,15 +209,19 @@ def test_a_float32_model_is_solved_in_float64():
     assert_step_close(flat(model), expected, theta0, J, 1e-2, "θ after a float32 step", torch.float32)
 
 
-def test_resume_from_state_dict_is_bitwise():
+AVERAGES = [{}, {"ema_factor": 0.3, "initialize_to_identity": True}]
+
+
+@pytest.mark.parametrize("average", AVERAGES, ids=["plain", "ema"])
+def test_resume_from_state_dict_is_bitwise(average):
     model, x_in, x_bd = problem(30, 10)
-    optimizer = ENGD(model.parameters(), lr=0.3, momentum=0.5, line_search_fn=None)
+    optimizer = ENGD(model.parameters(), lr=0.3, momentum=0.5, line_search_fn=None, **average)
     optimizer.step(closure_of(model, x_in, x_bd))
     saved_model, saved = copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict())
     optimizer.step(closure_of(model, x_in, x_bd))
     resumed = copy.deepcopy(model)
     resumed.load_state_dict(saved_model)
-    again = ENGD(resumed.parameters(), lr=0.3, momentum=0.5, line_search_fn=None)
+    again = ENGD(resumed.parameters(), lr=0.3, momentum=0.5, line_search_fn=None, **average)
     again.load_state_dict(saved)
     assert again.state["engd"]["update"].dtype == torch.float64
     again.step(closure_of(resumed, x_in, x_bd))
@@ -221,6 +250,9 @@ def test_engd_solves_a_small_poisson_problem():
         ({"grid": []}, "grid as a non-empty list"),
         ({"grid": [0.5, -1.0]}, "grid as a non-empty list"),
         ({"solve_in": "kernel"}, "solve_in one of auto, parameters, residuals, got 'kernel'"),
+        ({"ema_factor": 1.0}, "ema_factor to be a finite number >= 0 and < 1, got 1.0"),
+        ({"ema_factor": 0.5, "solve_in": "residuals"}, "averages the D × D Gramian"),
+        ({"initialize_to_identity": True, "solve_in": "residuals"}, "averages the D × D Gramian"),
     ],
 )
 def test_bad_hyperparameters(kwargs, match):

@@ -9,6 +9,7 @@ energy natural gradient is the Gauss–Newton step of the stacked least-squares 
     EN1  Δ = −(J̃ᵀ J̃ + λ I)⁻¹ J̃ᵀ r̃                     (the Gramian, D × D: when D ≤ N)
     EN2  Δ = −J̃ᵀ (J̃ J̃ᵀ + λ I)⁻¹ r̃                     (the kernel, N × N: when N < D; Woodbury)
     EN3  θ ← θ + u,  u = η Δ + μ u_prev                 (η from the grid line search LS3, or lr)
+    EN4  G_t = β G_{t-1} + (1 − β) J̃ᵀ J̃, G_0 = I or 0   (optional: EN1 with G_t for J̃ᵀJ̃)
 
 EN1 and EN2 are the same step (the push-through identity (JᵀJ + λI)⁻¹ Jᵀ = Jᵀ (JJᵀ + λI)⁻¹);
 each is solved by a Cholesky factorisation in float64, whatever the model's dtype, in the space
@@ -55,6 +56,7 @@ class ENGD(torch.optim.Optimizer):
     (float64 tensors kept as they are by ``load_state_dict``), so resuming is exact:
 
     * ``step``: the number of steps taken; ``update``: the last update u (flat, float64);
+      ``gramian``: the averaged G_t of EN4 (float64; ``None`` without an average);
     * ``loss`` and ``losses``: L before the last step, and each term's part of it;
     * ``lr``: the last step size (0 for a skipped step); ``damping``: the λ the last solve used;
     * ``skipped``: steps left out (no decrease on the grid, or a non-finite step), ``damping_raised``:
@@ -71,6 +73,11 @@ class ENGD(torch.optim.Optimizer):
         grid: the step sizes the grid line search tries; default 2⁻³⁰, ..., 2⁻¹, 1.
         solve_in: ``"auto"`` (the smaller of the two spaces), ``"parameters"`` (EN1) or
             ``"residuals"`` (EN2).
+        ema_factor: β of EN4, the moving average of the Gramian over steps (0: none), as the
+            KFAC-for-PINNs authors' ``ENGD_ema_factor``; it lives in parameter space, so it makes
+            ``"auto"`` solve there.
+        initialize_to_identity: start the average from G_0 = I (else 0), their
+            ``ENGD_initialize_to_identity``: a strong damping in the first steps that fades as βᵗ.
 
     Example:
         >>> model = BackpropMLP([2, 32, 1], "tanh", dtype=torch.float64)
@@ -94,8 +101,15 @@ class ENGD(torch.optim.Optimizer):
         line_search_fn: str | None = "grid",
         grid: Sequence[float] | None = None,
         solve_in: str = "auto",
+        ema_factor: float = 0.0,
+        initialize_to_identity: bool = False,
     ) -> None:
         _check_number("lr", lr, low=0, open_low=True)
+        _check_number("ema_factor", ema_factor, low=0, high=1, open_high=True)
+        if not isinstance(initialize_to_identity, bool):
+            raise TypeError(
+                f"ENGD expects initialize_to_identity True or False, got {initialize_to_identity!r}"
+            )
         _check_number("momentum", momentum, low=0, high=1, open_high=True)
         _check_number("damping", damping, low=0)
         if line_search_fn not in ("grid", None):
@@ -105,6 +119,12 @@ class ENGD(torch.optim.Optimizer):
             raise ValueError(f"ENGD expects grid as a non-empty list of finite step sizes > 0, got {grid!r}")
         if solve_in not in _SPACES:
             raise ValueError(f"ENGD expects solve_in one of {', '.join(_SPACES)}, got {solve_in!r}")
+        if solve_in == "residuals" and (ema_factor or initialize_to_identity):
+            raise ValueError(
+                "ENGD averages the D × D Gramian over steps (ema_factor, initialize_to_identity), which "
+                "solve_in='residuals' never makes (its kernel is of each step's own points); use "
+                "solve_in='parameters' or 'auto'"
+            )
         defaults = dict(
             lr=lr,
             momentum=momentum,
@@ -112,6 +132,8 @@ class ENGD(torch.optim.Optimizer):
             line_search_fn=line_search_fn,
             grid=grid,
             solve_in=solve_in,
+            ema_factor=ema_factor,
+            initialize_to_identity=initialize_to_identity,
         )
         super().__init__(params, defaults)
         if len(self.param_groups) != 1:
@@ -137,7 +159,7 @@ class ENGD(torch.optim.Optimizer):
             terms = terms_from_closure(closure, group["params"], "ENGD")
         state = self.state["engd"]
         if not state:
-            state.update(step=0, update=None, skipped=0, damping_raised=0, warned_damping=False)
+            state.update(step=0, update=None, gramian=None, skipped=0, damping_raised=0, warned_damping=False)
         params = terms[0].parameters
         jacobian, residual = stacked_system(terms)  # LS1, float64
         losses = [float(0.5 * r.square().sum()) for r in _split_rows(residual, terms)]
@@ -173,18 +195,27 @@ class ENGD(torch.optim.Optimizer):
     ) -> Tensor:
         """Δ by EN1 or EN2, with λ raised until the Cholesky factorisation succeeds."""
         rows, columns = jacobian.shape
+        averaged = group["ema_factor"] > 0 or group["initialize_to_identity"]
         space = group["solve_in"]
         if space == "auto":
-            space = "residuals" if rows < columns else "parameters"
+            space = "residuals" if rows < columns and not averaged else "parameters"
         if space == "residuals":
             matrix, right = lower_gram(jacobian), residual  # J̃ J̃ᵀ (lower triangle), r̃ (EN2)
         else:
             matrix, right = lower_gram(jacobian.t()), jacobian.t().mv(residual)  # J̃ᵀ J̃, ∇L (EN1)
-        diagonal = matrix.diagonal()
-        if not bool(
-            torch.isfinite(diagonal).all()
-        ):  # a non-finite entry of J̃ reaches its row's (or column's)
+        # a non-finite entry of J̃ reaches a diagonal entry of the product (a sum of squares)
+        if not bool(torch.isfinite(matrix.diagonal()).all()):
             return None
+        if averaged:  # EN4: G_t = β G_{t-1} + (1 − β) J̃ᵀJ̃, from G_0 = I or 0
+            matrix = matrix.tril_()
+            matrix.add_(matrix.tril(-1).t()).mul_(1 - group["ema_factor"])  # made whole, for the next step
+            previous = state["gramian"]
+            if previous is None and group["initialize_to_identity"]:
+                previous = torch.eye(columns, dtype=matrix.dtype)
+            if previous is not None:
+                matrix.add_(previous, alpha=group["ema_factor"])
+            state["gramian"] = matrix
+        diagonal = matrix.diagonal()
         damping = group["damping"]
         floor = 1e-15 * float(diagonal.mean()) if diagonal.numel() else 0.0
         for _ in range(_MAX_DAMPING_RAISES):
