@@ -44,11 +44,21 @@ import torch
 from torch_backprop import ENGD, BackpropMLP
 from torch_backprop.cli.files import write_json
 from torch_backprop.cli.options import number
-from torch_backprop.cli.pinn import OPTIMIZERS, train
+from torch_backprop.cli.pinn import train
 from torch_backprop.cli.pinn_problems import PROBLEMS, loss_terms, residual_tapes
 from torch_backprop.cli.run_folder import CHECKPOINT, RunFolder
 from torch_backprop.cli.timing import interleaved_medians, machine_info, threads
 from torch_backprop.optim.least_squares import lower_gram, stacked_system
+
+# The contenders of --optimizers: the pinn command's optimisers, and ENGD with the moving average of
+# the Gramian from the identity that the KFAC-for-PINNs authors' best ENGD runs use (β = 0.3).
+PLAIN = {"ema_factor": 0.0, "initialize_to_identity": False}
+VARIANTS = {
+    "engd": {"optimizer": "engd", **PLAIN},
+    "engd-ema": {"optimizer": "engd", "ema_factor": 0.3, "initialize_to_identity": True},
+    "adam": {"optimizer": "adam", **PLAIN},
+    "lbfgs": {"optimizer": "lbfgs", **PLAIN},
+}
 
 
 def run_spec(text: str) -> tuple[str, int]:
@@ -72,13 +82,11 @@ def authors_spec(text: str) -> tuple[str, int, str]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
-    parser.add_argument(
-        "--runs", type=run_spec, nargs="*", default=[], help="PROBLEM:STEPS runs to collect"
-    )
+    parser.add_argument("--runs", type=run_spec, nargs="*", default=[], help="PROBLEM:STEPS runs to collect")
     parser.add_argument(
         "--optimizers",
         nargs="+",
-        choices=OPTIMIZERS,
+        choices=list(VARIANTS),
         default=["engd", "adam", "lbfgs"],
         help="the optimisers of each run (default: %(default)s)",
     )
@@ -102,7 +110,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="the runs' folders (default: %(default)s)",
     )
     parser.add_argument(
-        "--authors", type=authors_spec, nargs="*", default=[],
+        "--authors",
+        type=authors_spec,
+        nargs="*",
+        default=[],
         help="PROBLEM:STEPS:ENGD|RNGD runs of the authors' ENGD beside ours",
     )
     parser.add_argument("--authors-python", type=Path, default=None, help="the authors' environment's python")
@@ -135,14 +146,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)  # fmt: skip
 
 
-def collect(
-    problem: str, steps: int, optimizer: str, seed: int, args: argparse.Namespace
-) -> dict[str, Any]:
+def collect(problem: str, steps: int, optimizer: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     """The metrics of one run: read back when finished, else resumed or started."""
     folder = args.runs_dir / f"{problem}-{optimizer}-s{seed}"
     run = argparse.Namespace(
-        problem=problem, optimizer=optimizer, steps=steps, seed=seed, dtype="float64", lr=None,
+        problem=problem, steps=steps, seed=seed, dtype="float64", lr=None,
         damping=1e-10, momentum=0.0, log_every=args.log_every, out=folder, resume=None, quiet=True,
+        **VARIANTS[optimizer],
     )  # fmt: skip
     saved = None
     if (folder / CHECKPOINT).is_file():
@@ -155,9 +165,7 @@ def collect(
         file=sys.stderr,
         flush=True,
     )
-    with RunFolder(
-        folder, resume=run.resume, overwrite=False
-    ):  # a run still going there is refused
+    with RunFolder(folder, resume=run.resume, overwrite=False):  # a run still going there is refused
         return train(run, saved)
 
 
@@ -203,8 +211,7 @@ def timing(problem_name: str, args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(0)
     points = problem.sample(torch.Generator().manual_seed(0), torch.float64)
     models = {
-        name: BackpropMLP(problem.sizes, "tanh", dtype=torch.float64)
-        for name in ("grid", "fixed", "adam")
+        name: BackpropMLP(problem.sizes, "tanh", dtype=torch.float64) for name in ("grid", "fixed", "adam")
     }
     engd = ENGD(models["grid"].parameters())
     fixed = ENGD(models["fixed"].parameters(), lr=1e-3, line_search_fn=None)
@@ -220,9 +227,7 @@ def timing(problem_name: str, args: argparse.Namespace) -> dict[str, Any]:
             jacobian.t().mv(torch.cholesky_solve(residual.unsqueeze(1), factor).squeeze(1))
         else:  # EN1: J̃ᵀ J̃, J̃ᵀ r̃, Cholesky, two triangular solves
             gramian = lower_gram(jacobian.t()) + 1e-10 * torch.eye(columns, dtype=jacobian.dtype)
-            torch.cholesky_solve(
-                jacobian.t().mv(residual).unsqueeze(1), torch.linalg.cholesky(gramian)
-            )
+            torch.cholesky_solve(jacobian.t().mv(residual).unsqueeze(1), torch.linalg.cholesky(gramian))
 
     def adam_step() -> None:
         adam.zero_grad()
@@ -231,9 +236,7 @@ def timing(problem_name: str, args: argparse.Namespace) -> dict[str, Any]:
 
     steps = {
         "engd": lambda: engd.step(lambda: residual_tapes(models["grid"], problem, *points)),
-        "engd fixed lr": lambda: fixed.step(
-            lambda: residual_tapes(models["fixed"], problem, *points)
-        ),
+        "engd fixed lr": lambda: fixed.step(lambda: residual_tapes(models["fixed"], problem, *points)),
         "floor": floor,
         "tapes": lambda: stacked_system(residual_tapes(models["grid"], problem, *points)),
         "adam": adam_step,
@@ -260,8 +263,9 @@ def side_by_side(problem: str, steps: int, theirs: str, args: argparse.Namespace
     """Our ENGD and the authors' for ``steps`` steps from the same start: seconds a step, errors after."""
     with tempfile.TemporaryDirectory() as folder:
         run = argparse.Namespace(
-            problem=problem, optimizer="engd", steps=steps, seed=0, dtype="float64", lr=None,
+            problem=problem, steps=steps, seed=0, dtype="float64", lr=None,
             damping=1e-10, momentum=0.0, log_every=steps, out=Path(folder) / "ours", resume=None, quiet=True,
+            **VARIANTS["engd"],
         )  # fmt: skip
         ours = train(run)["log"][-1]
         result = Path(folder) / "theirs.json"

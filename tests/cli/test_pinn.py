@@ -102,7 +102,7 @@ def test_each_exact_solution_solves_its_pde(name):
     [
         (["--problem", "nope"], "invalid choice: 'nope'"),
         (["--steps", "-1"], "expected an integer >= 0, got '-1'"),
-        (["--optimizer", "adam", "--damping", "1e-3"], "--damping and --momentum are ENGD's"),
+        (["--optimizer", "adam", "--damping", "1e-3"], "--initialize-to-identity are ENGD's"),
         (["--lr", "0"], "expected a finite number > 0, got '0'"),
         (
             ["--resume", "/nonexistent-run"],

@@ -35,7 +35,10 @@ __all__ = ["add_arguments", "run", "train"]
 OPTIMIZERS = ("engd", "adam", "lbfgs")
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 _DEFAULT_LR = {"engd": None, "adam": 1e-3, "lbfgs": 1.0}
-_CONFIG_KEYS = ("problem", "optimizer", "dtype", "seed", "lr", "damping", "momentum")
+_CONFIG_KEYS = (
+    "problem", "optimizer", "dtype", "seed", "lr",
+    "damping", "momentum", "ema_factor", "initialize_to_identity",
+)  # fmt: skip
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -74,6 +77,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--momentum", type=number(float, low=0, high=1, high_open=True), default=0.0, help="ENGD's momentum μ"
     )
     add(
+        "--ema-factor",
+        type=number(float, low=0, high=1, high_open=True),
+        default=0.0,
+        help="ENGD's moving average β of the Gramian over steps (0: none; it solves in parameter space)",
+    )
+    add(
+        "--initialize-to-identity",
+        action="store_true",
+        help="ENGD's moving average starts from the identity (a damping of the first steps)",
+    )
+    add(
         "--log-every",
         type=number(int, low=1),
         default=10,
@@ -95,8 +109,12 @@ def validate(args: argparse.Namespace) -> dict[str, Any] | None:
     Raises:
         ConfigError: options that do not fit together, an unusable folder, or a checkpoint of another run.
     """
-    if args.optimizer != "engd" and (args.momentum or args.damping != 1e-10):
-        raise ConfigError(f"--damping and --momentum are ENGD's; --optimizer {args.optimizer} takes neither")
+    engd_only = args.momentum or args.damping != 1e-10 or args.ema_factor or args.initialize_to_identity
+    if args.optimizer != "engd" and engd_only:
+        raise ConfigError(
+            "--damping, --momentum, --ema-factor and --initialize-to-identity are ENGD's; "
+            f"--optimizer {args.optimizer} takes none of them"
+        )
     if args.resume is not None:
         if args.out is not None and args.out.resolve() != args.resume.resolve():
             raise ConfigError(
@@ -137,6 +155,8 @@ def make_optimizer(model: BackpropMLP, args: argparse.Namespace) -> torch.optim.
             damping=args.damping,
             momentum=args.momentum,
             line_search_fn=search,
+            ema_factor=args.ema_factor,
+            initialize_to_identity=args.initialize_to_identity,
         )
     if args.optimizer == "adam":
         return torch.optim.Adam(model.parameters(), lr=lr)
