@@ -188,7 +188,7 @@ def optimizer_step(
         return loss
 
     loss = optimizer.step(closure)
-    return float(loss), terms
+    return float(loss.detach()), terms
 
 
 def train(
