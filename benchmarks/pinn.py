@@ -50,8 +50,9 @@ from torch_backprop.cli.run_folder import CHECKPOINT, RunFolder
 from torch_backprop.cli.timing import interleaved_medians, machine_info, threads
 from torch_backprop.optim.least_squares import lower_gram, stacked_system
 
-# The contenders of --optimizers: the pinn command's optimisers, and ENGD with the moving average of
-# the Gramian from the identity that the KFAC-for-PINNs authors' best ENGD runs use (β = 0.3).
+# The contenders of --optimizers: plain ENGD (Müller & Zeinhofer's), ENGD with the moving average of
+# the Gramian from the identity (β = 0.3: the pinn command's default, the KFAC-for-PINNs authors'
+# best ENGD runs), Adam and L-BFGS at the command's defaults.
 PLAIN = {"ema_factor": 0.0, "initialize_to_identity": False}
 VARIANTS = {
     "engd": {"optimizer": "engd", **PLAIN},
