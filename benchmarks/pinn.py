@@ -157,7 +157,7 @@ def collect(problem: str, steps: int, optimizer: str, seed: int, args: argparse.
     )  # fmt: skip
     saved = None
     if (folder / CHECKPOINT).is_file():
-        saved = torch.load(folder / CHECKPOINT, weights_only=False)
+        saved = torch.load(folder / CHECKPOINT, map_location="cpu", weights_only=True)
         if saved["step"] >= steps:
             return saved["metrics"]
         run.resume = folder

@@ -124,6 +124,12 @@ def test_out_below_a_file_is_refused_before_any_work(tmp_path, capsys):
     assert "below the file" in capsys.readouterr().err
 
 
+def test_resume_of_an_unreadable_checkpoint_is_one_line(tmp_path, capsys):
+    (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    assert main(["pinn", "--resume", str(tmp_path)]) == 2
+    assert "cannot read checkpoint.pt" in capsys.readouterr().err
+
+
 def test_resume_of_another_configuration_is_refused(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["pinn", "--problem", "heat1d", "--steps", "1", "--out", str(out), "--quiet"]) == 0
