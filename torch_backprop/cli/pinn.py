@@ -137,7 +137,8 @@ def validate(args: argparse.Namespace) -> dict[str, Any] | None:
         try:
             saved = torch.load(args.resume / CHECKPOINT, map_location="cpu", weights_only=True)
         except Exception as error:  # a truncated or foreign file: say which, in one line
-            raise ConfigError(f"--resume {args.resume}: cannot read {CHECKPOINT} ({type(error).__name__})") from None
+            why = type(error).__name__
+            raise ConfigError(f"--resume {args.resume}: cannot read {CHECKPOINT} ({why})") from None
         if saved.get("command") != "pinn":
             raise ConfigError(
                 f"--resume expected the folder of a pinn run, got one of {saved.get('command')!r}"
