@@ -104,6 +104,29 @@ def test_one_step_equals_the_dense_gauss_newton_step(space, points):
     assert all(p.grad is None for p in model.parameters())
 
 
+@pytest.mark.parametrize("points", [(30, 10), (8, 4)], ids=["N>D", "N<D"])
+def test_the_pseudo_inverse_step_is_the_minimum_norm_least_squares_step(points):
+    # EN5 against torch.linalg.lstsq (gelsd, as the authors solve their Gramian) of the same
+    # normal equations: (J̃ᵀJ̃) Δ = −J̃ᵀr̃ for N > D, Δ = −J̃ᵀ α with (J̃J̃ᵀ) α = r̃ for N < D; with
+    # repeated points, so that J̃ has dependent rows and the kernel is singular.
+    model, x_in, x_bd = problem(*points)
+    x_in = torch.cat([x_in, x_in[:3]])
+    theta0 = flat(model)
+    J, r = dense_system(model, x_in, x_bd)
+    if J.shape[0] > J.shape[1]:  # full rank: a damping keeps κ where a solve's error bound is tight
+        damping, eye = 1e-4, torch.eye(J.shape[1], dtype=J.dtype)
+        matrix, right = J.t() @ J + damping * eye, -(J.t() @ r)
+        step = torch.linalg.lstsq(matrix, right.unsqueeze(1), driver="gelsd").solution.squeeze(1)
+    else:  # the singular kernel, undamped: the minimum-norm solution
+        damping = 0.0
+        step = -J.t() @ torch.linalg.lstsq(J @ J.t(), r.unsqueeze(1), driver="gelsd").solution.squeeze(1)
+    expected = theta0 + step
+    optimizer = ENGD(model.parameters(), damping=damping, line_search_fn=None, solver="pseudo-inverse")
+    optimizer.step(closure_of(model, x_in, x_bd))
+    assert_step_close(flat(model), expected, theta0, J, max(damping, 1e-8), "θ after a pseudo-inverse step")
+    assert optimizer.state["engd"]["rank"] <= min(J.shape)
+
+
 def test_momentum_is_heavy_ball_on_the_update():
     model, x_in, x_bd = problem(30, 10)
     probe = copy.deepcopy(model)
@@ -250,6 +273,7 @@ def test_engd_solves_a_small_poisson_problem():
         ({"grid": []}, "grid as a non-empty list"),
         ({"grid": [0.5, -1.0]}, "grid as a non-empty list"),
         ({"solve_in": "kernel"}, "solve_in one of auto, parameters, residuals, got 'kernel'"),
+        ({"solver": "svd"}, "solver one of cholesky, pseudo-inverse, got 'svd'"),
         ({"ema_factor": 1.0}, "ema_factor to be a finite number >= 0 and < 1, got 1.0"),
         ({"ema_factor": 0.5, "solve_in": "residuals"}, "averages the D × D Gramian"),
         ({"initialize_to_identity": True, "solve_in": "residuals"}, "averages the D × D Gramian"),

@@ -10,6 +10,8 @@ energy natural gradient is the Gauss–Newton step of the stacked least-squares 
     EN2  Δ = −J̃ᵀ (J̃ J̃ᵀ + λ I)⁻¹ r̃                     (the kernel, N × N: when N < D; Woodbury)
     EN3  θ ← θ + u,  u = η Δ + μ u_prev                 (η from the grid line search LS3, or lr)
     EN4  G_t = β G_{t-1} + (1 − β) J̃ᵀ J̃, G_0 = I or 0   (optional: EN1 with G_t for J̃ᵀJ̃)
+    EN5  M⁺ = V_k Λ_k⁻¹ V_kᵀ over the eigenvalues λ_i > ε n λ_max of M = G + λI or K + λI (n × n)
+         (optional, for EN1/EN2: the minimum-norm step, as ``torch.linalg.lstsq``'s gelsd solves it)
 
 EN1 and EN2 are the same step (the push-through identity (JᵀJ + λI)⁻¹ Jᵀ = Jᵀ (JJᵀ + λI)⁻¹);
 each is solved by a Cholesky factorisation in float64, whatever the model's dtype, in the space
@@ -39,6 +41,7 @@ from .least_squares import (
 __all__ = ["ENGD"]
 
 _SPACES = ("auto", "parameters", "residuals")
+_SOLVERS = ("cholesky", "pseudo-inverse")
 _MAX_DAMPING_RAISES = 40
 
 
@@ -59,6 +62,7 @@ class ENGD(torch.optim.Optimizer):
       ``gramian``: the averaged G_t of EN4 (float64; ``None`` without an average);
     * ``loss`` and ``losses``: L before the last step, and each term's part of it;
     * ``lr``: the last step size (0 for a skipped step); ``damping``: the λ the last solve used;
+      ``rank``: the eigenvalues the pseudo-inverse kept (``solver="pseudo-inverse"``);
     * ``skipped``: steps left out (no decrease on the grid, or a non-finite step), ``damping_raised``:
       solves whose λ had to be raised for the factorisation.
 
@@ -73,6 +77,9 @@ class ENGD(torch.optim.Optimizer):
         grid: the step sizes the grid line search tries; default 2⁻³⁰, ..., 2⁻¹, 1.
         solve_in: ``"auto"`` (the smaller of the two spaces), ``"parameters"`` (EN1) or
             ``"residuals"`` (EN2).
+        solver: ``"cholesky"`` (EN1/EN2 by a Cholesky factorisation) or ``"pseudo-inverse"`` (EN5:
+            an eigendecomposition, the eigenvalues at round-off level left out, the minimum-norm step
+            the authors' least-squares solve gives; O(n³) with a larger constant).
         ema_factor: β of EN4, the moving average of the Gramian over steps (0: none), as the
             KFAC-for-PINNs authors' ``ENGD_ema_factor``; it lives in parameter space, so it makes
             ``"auto"`` solve there.
@@ -101,6 +108,7 @@ class ENGD(torch.optim.Optimizer):
         line_search_fn: str | None = "grid",
         grid: Sequence[float] | None = None,
         solve_in: str = "auto",
+        solver: str = "cholesky",
         ema_factor: float = 0.0,
         initialize_to_identity: bool = False,
     ) -> None:
@@ -117,6 +125,8 @@ class ENGD(torch.optim.Optimizer):
         grid = DEFAULT_GRID if grid is None else tuple(grid)
         if not grid or not all(isinstance(g, (int, float)) and 0 < g < math.inf for g in grid):
             raise ValueError(f"ENGD expects grid as a non-empty list of finite step sizes > 0, got {grid!r}")
+        if solver not in _SOLVERS:
+            raise ValueError(f"ENGD expects solver one of {', '.join(_SOLVERS)}, got {solver!r}")
         if solve_in not in _SPACES:
             raise ValueError(f"ENGD expects solve_in one of {', '.join(_SPACES)}, got {solve_in!r}")
         if solve_in == "residuals" and (ema_factor or initialize_to_identity):
@@ -132,6 +142,7 @@ class ENGD(torch.optim.Optimizer):
             line_search_fn=line_search_fn,
             grid=grid,
             solve_in=solve_in,
+            solver=solver,
             ema_factor=ema_factor,
             initialize_to_identity=initialize_to_identity,
         )
@@ -215,6 +226,8 @@ class ENGD(torch.optim.Optimizer):
             if previous is not None:
                 matrix.add_(previous, alpha=group["ema_factor"])
             state["gramian"] = matrix
+        if group["solver"] == "pseudo-inverse":
+            return self._pseudo_inverse(matrix, right, jacobian, space, group, state)
         diagonal = matrix.diagonal()
         damping = group["damping"]
         floor = 1e-15 * float(diagonal.mean()) if diagonal.numel() else 0.0
@@ -240,6 +253,29 @@ class ENGD(torch.optim.Optimizer):
             return torch.full_like(jacobian[0], math.nan)
         state["damping"] = damping
         solution = torch.cholesky_solve(right.unsqueeze(1), factor).squeeze(1)
+        return -(jacobian.t().mv(solution) if space == "residuals" else solution)  # EN2 / EN1
+
+    def _pseudo_inverse(
+        self,
+        matrix: Tensor,
+        right: Tensor,
+        jacobian: Tensor,
+        space: str,
+        group: dict[str, Any],
+        state: dict[str, Any],
+    ) -> Tensor:
+        """EN5: the minimum-norm solve by eigendecomposition, eigenvalues below ε n λ_max left out."""
+        whole = matrix.tril() + matrix.tril(-1).t()
+        whole.diagonal().add_(group["damping"])
+        try:
+            values, vectors = torch.linalg.eigh(whole)
+        except RuntimeError:  # no convergence
+            return torch.full_like(jacobian[0], math.nan)
+        # lstsq's rule for its rank (gelsd's default rcond): ε times the matrix's size, relative to λ_max
+        keep = values > torch.finfo(values.dtype).eps * len(whole) * values.max().clamp_min(0)
+        kept = vectors[:, keep]
+        solution = kept.mv(kept.t().mv(right) / values[keep])  # (V_k Λ_k⁻¹ V_kᵀ) right
+        state.update(damping=group["damping"], rank=int(keep.sum()))
         return -(jacobian.t().mv(solution) if space == "residuals" else solution)  # EN2 / EN1
 
     def _skip(self, state: dict[str, Any], residual: Tensor, why: str) -> Tensor:
