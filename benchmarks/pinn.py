@@ -53,10 +53,14 @@ from torch_backprop.optim.least_squares import lower_gram, stacked_system
 # The contenders of --optimizers: plain ENGD (Müller & Zeinhofer's), ENGD with the moving average of
 # the Gramian from the identity (β = 0.3: the pinn command's default, the KFAC-for-PINNs authors'
 # best ENGD runs), Adam and L-BFGS at the command's defaults.
-PLAIN = {"ema_factor": 0.0, "initialize_to_identity": False}
+PLAIN = {"ema_factor": 0.0, "initialize_to_identity": False, "solver": "cholesky"}
 VARIANTS = {
     "engd": {"optimizer": "engd", **PLAIN},
-    "engd-ema": {"optimizer": "engd", "ema_factor": 0.3, "initialize_to_identity": True},
+    "engd-ema": {**PLAIN, "optimizer": "engd", "ema_factor": 0.3, "initialize_to_identity": True},
+    "engd-pinv": {**PLAIN, "optimizer": "engd", "solver": "pseudo-inverse"},
+    "engd-ema-pinv": {
+        "optimizer": "engd", "ema_factor": 0.3, "initialize_to_identity": True, "solver": "pseudo-inverse",
+    },  # fmt: skip
     "adam": {"optimizer": "adam", **PLAIN},
     "lbfgs": {"optimizer": "lbfgs", **PLAIN},
 }

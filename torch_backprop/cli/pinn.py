@@ -34,11 +34,12 @@ __all__ = ["add_arguments", "run", "train"]
 
 OPTIMIZERS = ("engd", "adam", "lbfgs")
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
+ENGD_SOLVER = "pseudo-inverse"
 ENGD_EMA_FACTOR = 0.3  # with the identity start: the KFAC-for-PINNs authors' best ENGD runs
 _DEFAULT_LR = {"engd": None, "adam": 1e-3, "lbfgs": 0.1}  # L-BFGS at 1 or 0.5 stalls on poisson2d
 _CONFIG_KEYS = (
     "problem", "optimizer", "dtype", "seed", "lr",
-    "damping", "momentum", "ema_factor", "initialize_to_identity",
+    "damping", "momentum", "solver", "ema_factor", "initialize_to_identity",
 )  # fmt: skip
 
 
@@ -78,6 +79,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--momentum", type=number(float, low=0, high=1, high_open=True), default=0.0, help="ENGD's momentum μ"
     )
     add(
+        "--solver",
+        choices=["cholesky", "pseudo-inverse"],
+        default=None,
+        help="ENGD's solve: Cholesky, or the minimum-norm step by eigendecomposition "
+        "(default: pseudo-inverse, as the authors' least-squares solve)",
+    )
+    add(
         "--ema-factor",
         type=number(float, low=0, high=1, high_open=True),
         default=None,
@@ -113,11 +121,11 @@ def validate(args: argparse.Namespace) -> dict[str, Any] | None:
     Raises:
         ConfigError: options that do not fit together, an unusable folder, or a checkpoint of another run.
     """
-    averaging = (args.ema_factor, args.initialize_to_identity)
-    engd_only = args.momentum or args.damping != 1e-10 or averaging != (None, None)
+    averaging = (args.ema_factor, args.initialize_to_identity, args.solver)
+    engd_only = args.momentum or args.damping != 1e-10 or averaging != (None, None, None)
     if args.optimizer != "engd" and engd_only:
         raise ConfigError(
-            "--damping, --momentum, --ema-factor and --initialize-to-identity are ENGD's; "
+            "--damping, --momentum, --solver, --ema-factor and --initialize-to-identity are ENGD's; "
             f"--optimizer {args.optimizer} takes none of them"
         )
     engd = args.optimizer == "engd"
@@ -125,6 +133,8 @@ def validate(args: argparse.Namespace) -> dict[str, Any] | None:
         args.ema_factor = ENGD_EMA_FACTOR if engd else 0.0
     if args.initialize_to_identity is None:
         args.initialize_to_identity = engd
+    if args.solver is None:
+        args.solver = ENGD_SOLVER if engd else "cholesky"
     if args.resume is not None:
         if args.out is not None and args.out.resolve() != args.resume.resolve():
             raise ConfigError(
@@ -171,6 +181,7 @@ def make_optimizer(model: BackpropMLP, args: argparse.Namespace) -> torch.optim.
             line_search_fn=search,
             ema_factor=args.ema_factor,
             initialize_to_identity=args.initialize_to_identity,
+            solver=args.solver,
         )
     if args.optimizer == "adam":
         return torch.optim.Adam(model.parameters(), lr=lr)
