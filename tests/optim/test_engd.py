@@ -334,3 +334,15 @@ def test_a_step_in_the_residual_space_with_many_points():
     optimizer = ENGD(model.parameters(), damping=1e-4, line_search_fn=None)
     optimizer.step(closure_of(model, x_in, x_bd))
     assert_step_close(flat(model), expected, theta0, J, 1e-4, "θ after a blocked kernel step")
+
+
+def test_a_state_saved_before_an_option_existed_resumes_with_its_default():
+    model, x_in, x_bd = problem(30, 10)
+    optimizer = ENGD(model.parameters(), lr=0.3, line_search_fn=None)
+    optimizer.step(closure_of(model, x_in, x_bd))
+    saved = optimizer.state_dict()
+    del saved["param_groups"][0]["ema_factor"]  # as written by a version without it
+    again = ENGD(model.parameters(), lr=0.3, line_search_fn=None)
+    again.load_state_dict(saved)
+    assert again.param_groups[0]["ema_factor"] == 0.0
+    again.step(closure_of(model, x_in, x_bd))

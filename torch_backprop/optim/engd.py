@@ -153,6 +153,13 @@ class ENGD(torch.optim.Optimizer):
                 f"got {len(self.param_groups)}"
             )
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """``torch.optim.Optimizer.load_state_dict``; options a saved state predates take this optimiser's."""
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+
     @torch.no_grad()
     def step(self, closure: Callable[[], object]) -> Tensor:  # type: ignore[override]
         """One ENGD step; returns the loss L before it (a float64 scalar).
