@@ -53,13 +53,17 @@ from torch_backprop.optim.least_squares import lower_gram, stacked_system
 # The contenders of --optimizers: plain ENGD (Müller & Zeinhofer's), ENGD with the moving average of
 # the Gramian from the identity (β = 0.3: the pinn command's default, the KFAC-for-PINNs authors'
 # best ENGD runs), Adam and L-BFGS at the command's defaults.
-PLAIN = {"ema_factor": 0.0, "initialize_to_identity": False, "solver": "cholesky"}
+PLAIN = {"damping": 1e-10, "ema_factor": 0.0, "initialize_to_identity": False, "solver": "cholesky"}
 VARIANTS = {
     "engd": {"optimizer": "engd", **PLAIN},
     "engd-ema": {**PLAIN, "optimizer": "engd", "ema_factor": 0.3, "initialize_to_identity": True},
-    "engd-pinv": {**PLAIN, "optimizer": "engd", "solver": "pseudo-inverse"},
+    "engd-pinv": {**PLAIN, "optimizer": "engd", "solver": "pseudo-inverse", "damping": 0.0},
     "engd-ema-pinv": {
-        "optimizer": "engd", "ema_factor": 0.3, "initialize_to_identity": True, "solver": "pseudo-inverse",
+        "optimizer": "engd",
+        "ema_factor": 0.3,
+        "initialize_to_identity": True,
+        "solver": "pseudo-inverse",
+        "damping": 0.0,
     },  # fmt: skip
     "adam": {"optimizer": "adam", **PLAIN},
     "lbfgs": {"optimizer": "lbfgs", **PLAIN},
@@ -156,7 +160,7 @@ def collect(problem: str, steps: int, optimizer: str, seed: int, args: argparse.
     folder = args.runs_dir / f"{problem}-{optimizer}-s{seed}"
     run = argparse.Namespace(
         problem=problem, steps=steps, seed=seed, dtype="float64", lr=None,
-        damping=1e-10, momentum=0.0, log_every=args.log_every, out=folder, resume=None, quiet=True,
+        momentum=0.0, log_every=args.log_every, out=folder, resume=None, quiet=True,
         **VARIANTS[optimizer],
     )  # fmt: skip
     saved = None
@@ -269,7 +273,7 @@ def side_by_side(problem: str, steps: int, theirs: str, args: argparse.Namespace
     with tempfile.TemporaryDirectory() as folder:
         run = argparse.Namespace(
             problem=problem, steps=steps, seed=0, dtype="float64", lr=None,
-            damping=1e-10, momentum=0.0, log_every=steps, out=Path(folder) / "ours", resume=None, quiet=True,
+            momentum=0.0, log_every=steps, out=Path(folder) / "ours", resume=None, quiet=True,
             **VARIANTS["engd"],
         )  # fmt: skip
         ours = train(run)["log"][-1]

@@ -83,7 +83,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["cholesky", "pseudo-inverse"],
         default=None,
         help="ENGD's solve: Cholesky, or the minimum-norm step by eigendecomposition as the "
-        "authors' least-squares solve (default: cholesky)",
+        "authors' least-squares solve, best with --damping 0 (default: cholesky)",
     )
     add(
         "--ema-factor",

@@ -79,7 +79,9 @@ class ENGD(torch.optim.Optimizer):
             ``"residuals"`` (EN2).
         solver: ``"cholesky"`` (EN1/EN2 by a Cholesky factorisation) or ``"pseudo-inverse"`` (EN5:
             an eigendecomposition, the eigenvalues at round-off level left out, the minimum-norm step
-            the authors' least-squares solve gives; O(n³) with a larger constant).
+            the authors' least-squares solve gives; O(n³) with a larger constant). Pair it with
+            ``damping=0``: a damping lifts the round-off eigenvalues above the threshold, and the
+            step is then the damped one again.
         ema_factor: β of EN4, the moving average of the Gramian over steps (0: none), as the
             KFAC-for-PINNs authors' ``ENGD_ema_factor``; it lives in parameter space, so it makes
             ``"auto"`` solve there.
