@@ -166,7 +166,7 @@ PUBLIC = [
     "available_activations", "curvature", "dp_sgd_step", "functional", "get_activation",
     "ggn_vector_product", "per_sample", "register_activation", "testing",
     "input_derivatives", "laplacian", "pde",
-    "ENGD", "residual_jacobian",
+    "ENGD", "KFAC", "residual_jacobian",
 ]
 
 
