@@ -483,6 +483,26 @@ def test_non_finite_residuals_skip_the_step_and_leave_the_averages():
     assert state["update"] is None and state["lr"] == 0
 
 
+def test_a_non_finite_step_is_skipped_and_restores_the_averages_and_the_inverse(monkeypatch):
+    import torch_backprop.optim.kfac as kfac_module
+
+    model, x_in, x_bd = problem(12, 6)
+    optimizer = KFAC(model.parameters(), damping=1e-3)
+    optimizer.step(closure_of(model, x_in, x_bd))
+    theta1 = flat(model)
+    before = copy.deepcopy(optimizer.state["kfac"])
+    monkeypatch.setattr(kfac_module, "apply_inverse", lambda basis, x: torch.full_like(x, math.nan))
+    with pytest.warns(RuntimeWarning, match="preconditioned step is not finite"):
+        optimizer.step(closure_of(model, x_in, x_bd))
+    state = optimizer.state["kfac"]
+    assert torch.equal(flat(model), theta1) and state["skipped"]["steps"] == 1
+    for kind in ("interior", "boundary"):
+        for got, want in zip(state["factors"][kind], before["factors"][kind], strict=True):
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert state["basis_step"] == before["basis_step"] == 1
+    assert all(torch.equal(a, b) for a, b in zip(state["basis"][0][:4], before["basis"][0][:4], strict=True))
+
+
 def test_non_finite_factors_skip_the_step():
     # r = √|u − u(x₀)| is finite at x₀ (zero) but its derivative there is not: G and B are not finite.
     model, x_in, x_bd = problem(12, 6)

@@ -42,6 +42,7 @@ from .least_squares import DEFAULT_GRID, check_number, grid_line_search, terms_f
 __all__ = ["KFAC"]
 
 _RULES = ("auto", "grid", None)
+_AVERAGES = ("factors", "basis", "basis_step", "basis_kinds")
 _KINDS = {2: "interior", 0: "boundary"}
 
 
@@ -62,8 +63,9 @@ class KFAC(torch.optim.Optimizer):
 
     Factors, inverses and steps are float64 for any model dtype. ``p.grad`` is neither read nor
     written. Nothing non-finite reaches the weights: a step whose residuals, new factors or step are
-    not finite is skipped (the parameters and the averages unchanged), and an inverse that fails
-    keeps the previous one (or skips the step if there is none), each with a warning and a count.
+    not finite is skipped (the parameters, the averages and the inverse as they were), and an inverse
+    that fails keeps the previous one (or skips the step if there is none), each with a warning and a
+    count.
     All state lives under ``optimizer.state["kfac"]`` (kept uncast by ``load_state_dict``, so a
     resumed run is bitwise the same):
 
@@ -184,16 +186,21 @@ class KFAC(torch.optim.Optimizer):
         fresh = _pooled_factors(terms)  # KF2-KF3 per kind, float64
         if not all(_finite(pair) for layers in fresh.values() for pair in layers if pair is not None):
             return self._skip(state, "factors", "the new Kronecker factors are not finite")
-        _average(state["factors"], fresh, group["ema_factor"], group["initialize_to_identity"])  # KF4
+        before = {
+            key: state[key] for key in _AVERAGES
+        }  # replaced, never changed in place: a skip restores them
+        state["factors"] = _average(
+            state["factors"], fresh, group["ema_factor"], group["initialize_to_identity"]
+        )  # KF4
         if not self._update_basis(state, group):
             return self._skip(
-                state, "inverses", "no inverse of the Kronecker factors (not positive definite)"
+                state, "inverses", "no inverse of the Kronecker factors (not positive definite)", before
             )
         params = terms[0].parameters
         gradient = _gradient(terms)
         step = _natural_step(terms[0].columns, gradient, state["basis"])  # KF8
         if not bool(torch.isfinite(step).all()):
-            return self._skip(state, "steps", "the preconditioned step is not finite")
+            return self._skip(state, "steps", "the preconditioned step is not finite", before)
         previous = state["update"]
         origin = [p.detach().clone() for p in params]
         rule = group["line_search_fn"]
@@ -203,7 +210,7 @@ class KFAC(torch.optim.Optimizer):
             )
             mu = group["momentum"] if previous is not None else 0.0
             if eta == 0:
-                state["skipped"]["steps"] += 1
+                state["skipped"] = {**state["skipped"], "steps": state["skipped"]["steps"] + 1}
                 mu = 0.0
         else:
             if rule == "auto":
@@ -214,7 +221,7 @@ class KFAC(torch.optim.Optimizer):
             if previous is not None and mu:
                 update.add_(previous, alpha=mu)
             if not bool(torch.isfinite(update).all()):
-                return self._skip(state, "steps", "the step size or momentum is not finite")
+                return self._skip(state, "steps", "the step size or momentum is not finite", before)
             write_parameters(params, origin, update)
         state.update(lr=eta, momentum=mu if previous is not None else 0.0, update=update)
         return torch.tensor(loss, dtype=torch.float64)
@@ -246,7 +253,7 @@ class KFAC(torch.optim.Optimizer):
                     return False
             basis.append(made)
         if failed:
-            state["skipped"]["inverses"] += 1
+            state["skipped"] = {**state["skipped"], "inverses": state["skipped"]["inverses"] + 1}
             warnings.warn(
                 "KFAC: a Kronecker factor's eigendecomposition failed (not positive definite or not "
                 "finite); the previous inverse is kept for that layer",
@@ -256,14 +263,19 @@ class KFAC(torch.optim.Optimizer):
         state.update(basis=basis, basis_step=state["step"], basis_kinds=kinds)
         return True
 
-    def _skip(self, state: dict[str, Any], kind: str, why: str) -> Tensor:
+    def _skip(
+        self, state: dict[str, Any], kind: str, why: str, before: dict[str, Any] | None = None
+    ) -> Tensor:
+        """Count and warn; the averages and the inverse as they were before this step."""
+        if before is not None:
+            state.update(before)
         warnings.warn(
             f"KFAC: {why}; the step is skipped and the parameters are unchanged "
             f"(optimizer.state['kfac']['skipped'] counts it)",
             RuntimeWarning,
             stacklevel=3,
         )
-        state["skipped"][kind] += 1
+        state["skipped"] = {**state["skipped"], kind: state["skipped"][kind] + 1}
         state.update(lr=0.0, momentum=0.0, update=None)
         return torch.tensor(state["loss"], dtype=torch.float64)
 
@@ -316,19 +328,21 @@ def _average(
     fresh: dict[str, list[tuple[Tensor, Tensor] | None]],
     beta: float,
     identity: bool,
-) -> None:
-    """KF4, out of place (a saved ``state_dict`` is never changed by a later step)."""
+) -> dict[str, list[Any]]:
+    """KF4 into new tensors, lists and a new dict (the old ones stay as they were)."""
+    out = dict(averages)
     for kind, layers in fresh.items():
-        if kind not in averages:
-            averages[kind] = [
-                None if pair is None else [_start(pair[0], identity), _start(pair[1], identity)]
-                for pair in layers
-            ]
-        for k, pair in enumerate(layers):
-            if pair is None:
-                continue
-            A, B = averages[kind][k]
-            averages[kind][k] = [beta * A + (1 - beta) * pair[0], beta * B + (1 - beta) * pair[1]]
+        old = averages.get(kind) or [
+            None if pair is None else [_start(pair[0], identity), _start(pair[1], identity)]
+            for pair in layers
+        ]
+        out[kind] = [
+            None
+            if pair is None
+            else [beta * avg[0] + (1 - beta) * pair[0], beta * avg[1] + (1 - beta) * pair[1]]
+            for avg, pair in zip(old, layers, strict=True)
+        ]
+    return out
 
 
 def _start(factor: Tensor, identity: bool) -> Tensor:
