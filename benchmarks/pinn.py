@@ -19,6 +19,10 @@ Two parts, each optional:
   its gradient alone, the plain step KFAC is held to). ``--contenders`` picks some (the ENGD ones
   hold the N × D Jacobian: leave them out where it does not fit). Ratios against the floor, Adam and
   the plain gradient step; ``--timer cpu`` takes the process's CPU time instead of wall time.
+* ``--memory PROBLEM:N_INTERIOR:N_BOUNDARY ...``: the peak resident memory of a fresh process that
+  builds the problem's model and takes one KFAC step on that many points (the tapes hold
+  (K + 2) N_Ω rows per layer, so it grows linearly in N_Ω: two point counts give the slope for a
+  preset too large for the machine).
 
 Run from the repository root, for example:
 
@@ -26,12 +30,15 @@ Run from the repository root, for example:
         --optimizers engd adam lbfgs --seeds 0 1 2 --timing poisson2d poisson5d poisson5d-deep heat4d \\
         --json benchmarks/results/pinn.json
     python benchmarks/pinn.py --timing poisson10d --contenders kfac gradient adam --json k.json
+    python benchmarks/pinn.py --memory poisson100d:100:50 poisson100d:200:100 --json m.json
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -56,6 +63,16 @@ def run_spec(text: str) -> tuple[str, int]:
             f"expected PROBLEM:STEPS with PROBLEM one of {', '.join(PROBLEMS)}, got {text!r}"
         )
     return name, int(steps)
+
+
+def memory_spec(text: str) -> tuple[str, int, int]:
+    """``"poisson100d:100:50"`` -> ``("poisson100d", 100, 50)``."""
+    parts = text.split(":")
+    if len(parts) != 3 or parts[0] not in PROBLEMS or not all(p.isdigit() and int(p) > 0 for p in parts[1:]):
+        raise argparse.ArgumentTypeError(
+            f"expected PROBLEM:N_INTERIOR:N_BOUNDARY with PROBLEM one of {', '.join(PROBLEMS)}, got {text!r}"
+        )
+    return parts[0], int(parts[1]), int(parts[2])
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -120,6 +137,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=number(int, low=1),
         default=torch.get_num_threads(),
         help="intra-op threads (default: all)",
+    )
+    parser.add_argument(
+        "--memory",
+        type=memory_spec,
+        nargs="*",
+        default=[],
+        help="PROBLEM:N_INTERIOR:N_BOUNDARY: peak memory of one KFAC step on that many points",
     )
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     return parser.parse_args(argv)  # fmt: skip
@@ -282,6 +306,40 @@ def timing(problem_name: str, args: argparse.Namespace) -> dict[str, Any]:
     }  # fmt: skip
 
 
+_ONE_KFAC_STEP = """
+import dataclasses, json, resource, sys
+import torch
+from torch_backprop import KFAC, BackpropMLP
+from torch_backprop.cli.pinn_problems import PROBLEMS, residual_tapes
+name, interior, boundary = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+problem = dataclasses.replace(PROBLEMS[name], interior=interior, boundary=boundary)
+torch.manual_seed(0)
+model = BackpropMLP(problem.sizes, "tanh", dtype=torch.float64)
+points = problem.sample(torch.Generator().manual_seed(0), torch.float64)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+KFAC(model.parameters()).step(lambda: residual_tapes(model, problem, *points))
+print(json.dumps([before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss]))
+"""
+
+
+def memory(problem_name: str, interior: int, boundary: int) -> dict[str, Any]:
+    """Peak resident memory of one KFAC step in a fresh process (ru_maxrss, Linux KiB), and before it."""
+    child = subprocess.run(
+        [sys.executable, "-c", _ONE_KFAC_STEP, problem_name, str(interior), str(boundary)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    baseline, peak = json.loads(child.stdout.strip().splitlines()[-1])
+    return {
+        "problem": problem_name,
+        "interior": interior,
+        "boundary": boundary,
+        "peak_gib": peak / 2**20,
+        "before_step_gib": baseline / 2**20,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     results: dict[str, Any] = {
@@ -313,6 +371,14 @@ def main(argv: list[str] | None = None) -> int:
             + ", ".join(f"{name} {ms:.1f} ms" for name, ms in times.items())
             + "; "
             + ", ".join(f"{key} {value:.2f}" for key, value in result.items() if "_over_" in key)
+        )
+    results["memory"] = []
+    for problem, interior, boundary in args.memory:
+        result = memory(problem, interior, boundary)
+        results["memory"].append(result)
+        print(
+            f"{problem:15s} one KFAC step on {interior} + {boundary} points: peak "
+            f"{result['peak_gib']:.2f} GiB ({result['before_step_gib']:.2f} GiB before the step)"
         )
     if args.json is not None:
         write_json(results, args.json)

@@ -159,6 +159,7 @@ def test_pinn_benchmark_runs_and_times_kfac(tmp_path):
         *("--runs", "poisson2d:2", "--optimizers", "kfac", "--seeds", "0", "--log-every", "1"),
         *("--runs-dir", str(tmp_path / "runs"), "--timing", "poisson2d", "--contenders", "kfac", "gradient"),
         *("--rounds", "1", "--min-run-time", "0.01", "--threads", "1", "--timer", "cpu", "--json", str(out)),
+        *("--memory", "poisson2d:8:4"),
     ]
     assert load("pinn").main(argv) == 0
     report = json.loads(out.read_text())
@@ -167,3 +168,5 @@ def test_pinn_benchmark_runs_and_times_kfac(tmp_path):
     (timing,) = report["timing"]
     assert set(timing["times"]) == {"kfac", "gradient"} and timing["kfac_over_gradient"] > 0
     assert "engd_over_floor" not in timing and timing["timer"] == "cpu"
+    (memory,) = report["memory"]
+    assert memory["interior"] == 8 and memory["peak_gib"] >= memory["before_step_gib"] > 0
