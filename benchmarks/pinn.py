@@ -1,4 +1,4 @@
-r"""PINN optimisers on the reference problems: error after k steps over seeds, and the ENGD step's cost.
+r"""PINN optimisers on the reference problems: error after k steps over seeds, and the steps' cost.
 
 Two parts, each optional:
 
@@ -17,14 +17,24 @@ Two parts, each optional:
   interleaved rotated rounds (``torch_backprop.cli.timing.interleaved_medians``): ``engd`` (the
   grid line search), ``engd fixed lr`` (no line search), ``floor`` (what the step cannot avoid: given
   the stacked float64 Jacobian J̃, the Gramian or kernel product, its Cholesky factorisation and the
-  solves), ``tapes`` (the residual Jacobian's Taylor and adjoint passes) and ``adam`` (the loss and
-  its gradient through the one-pass operator, and Adam's update). Ratios against the floor and Adam.
+  solves), ``tapes`` (the residual Jacobian's Taylor and adjoint passes), ``adam`` (the loss and
+  its gradient through the one-pass operator, and Adam's update), ``kfac`` (KFAC with its automatic
+  step size and momentum), ``kfac grid`` (with the grid line search) and ``gradient`` (the loss and
+  its gradient alone, the plain step KFAC is held to). ``--contenders`` picks some (the ENGD ones
+  hold the N × D Jacobian: leave them out where it does not fit). Ratios against the floor, Adam and
+  the plain gradient step; ``--timer cpu`` takes the process's CPU time instead of wall time.
+* ``--memory PROBLEM:N_INTERIOR:N_BOUNDARY ...``: the peak resident memory of a fresh process that
+  builds the problem's model and takes one KFAC step on that many points (the tapes hold
+  (K + 2) N_Ω rows per layer, so it grows linearly in N_Ω: two point counts give the slope for a
+  preset too large for the machine).
 
 Run from the repository root, for example:
 
     python benchmarks/pinn.py --runs poisson2d:6000 poisson5d:1000 poisson5d-deep:1000 heat4d:1000 \\
         --optimizers engd adam lbfgs --seeds 0 1 2 --timing poisson2d poisson5d poisson5d-deep heat4d \\
         --json benchmarks/results/pinn.json
+    python benchmarks/pinn.py --timing poisson10d --contenders kfac gradient adam --json k.json
+    python benchmarks/pinn.py --memory poisson100d:100:50 poisson100d:200:100 --json m.json
 """
 
 from __future__ import annotations
@@ -41,7 +51,7 @@ from typing import Any
 
 import torch
 
-from torch_backprop import ENGD, BackpropMLP
+from torch_backprop import ENGD, KFAC, BackpropMLP
 from torch_backprop.cli.files import write_json
 from torch_backprop.cli.options import number
 from torch_backprop.cli.pinn import train
@@ -53,7 +63,10 @@ from torch_backprop.optim.least_squares import lower_gram, stacked_system
 # The contenders of --optimizers: plain ENGD (Müller & Zeinhofer's), ENGD with the moving average of
 # the Gramian from the identity (β = 0.3: the pinn command's default, the KFAC-for-PINNs authors'
 # best ENGD runs), Adam and L-BFGS at the command's defaults.
-PLAIN = {"damping": 1e-10, "ema_factor": 0.0, "initialize_to_identity": False, "solver": "cholesky"}
+PLAIN = {
+    "damping": 1e-10, "ema_factor": 0.0, "initialize_to_identity": False, "solver": "cholesky",
+    "inverse_every": 1, "line_search": None,
+}  # fmt: skip
 VARIANTS = {
     "engd": {"optimizer": "engd", **PLAIN},
     "engd-ema": {**PLAIN, "optimizer": "engd", "ema_factor": 0.3, "initialize_to_identity": True},
@@ -65,6 +78,7 @@ VARIANTS = {
         "solver": "pseudo-inverse",
         "damping": 0.0,
     },  # fmt: skip
+    "kfac": {**PLAIN, "optimizer": "kfac", "ema_factor": 0.95},
     "adam": {"optimizer": "adam", **PLAIN},
     "lbfgs": {"optimizer": "lbfgs", **PLAIN},
 }
@@ -87,6 +101,16 @@ def authors_spec(text: str) -> tuple[str, int, str]:
         raise argparse.ArgumentTypeError(f"expected PROBLEM:STEPS:ENGD|RNGD, got {text!r}")
     name, steps = run_spec(f"{parts[0]}:{parts[1]}")
     return name, steps, parts[2]
+
+
+def memory_spec(text: str) -> tuple[str, int, int]:
+    """``"poisson100d:100:50"`` -> ``("poisson100d", 100, 50)``."""
+    parts = text.split(":")
+    if len(parts) != 3 or parts[0] not in PROBLEMS or not all(p.isdigit() and int(p) > 0 for p in parts[1:]):
+        raise argparse.ArgumentTypeError(
+            f"expected PROBLEM:N_INTERIOR:N_BOUNDARY with PROBLEM one of {', '.join(PROBLEMS)}, got {text!r}"
+        )
+    return parts[0], int(parts[1]), int(parts[2])
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -137,6 +161,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="problems whose step is timed",
     )
     parser.add_argument(
+        "--contenders",
+        nargs="+",
+        choices=CONTENDERS,
+        default=list(CONTENDERS),
+        help="the timed steps (default: all)",
+    )
+    parser.add_argument(
+        "--timer", choices=["wall", "cpu"], default="wall", help="the timer (default: %(default)s)"
+    )
+    parser.add_argument(
         "--rounds", type=number(int, low=1), default=5, help="timing rounds (default: %(default)s)"
     )
     parser.add_argument(
@@ -150,6 +184,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=number(int, low=1),
         default=torch.get_num_threads(),
         help="intra-op threads (default: all)",
+    )
+    parser.add_argument(
+        "--memory",
+        type=memory_spec,
+        nargs="*",
+        default=[],
+        help="PROBLEM:N_INTERIOR:N_BOUNDARY: peak memory of one KFAC step on that many points",
     )
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     return parser.parse_args(argv)  # fmt: skip
@@ -214,57 +255,136 @@ def summarise(logs: list[list[dict[str, Any]]], steps: int) -> dict[str, Any]:
     }
 
 
+CONTENDERS = ("engd", "engd fixed lr", "floor", "tapes", "adam", "kfac", "kfac grid", "gradient")
+
+
 def timing(problem_name: str, args: argparse.Namespace) -> dict[str, Any]:
     """One step of each contender on the problem's model and points, interleaved."""
     problem = PROBLEMS[problem_name]
     torch.manual_seed(0)
     points = problem.sample(torch.Generator().manual_seed(0), torch.float64)
+    wanted = set(args.contenders)
     models = {
-        name: BackpropMLP(problem.sizes, "tanh", dtype=torch.float64) for name in ("grid", "fixed", "adam")
+        name: BackpropMLP(problem.sizes, "tanh", dtype=torch.float64)
+        for name in ("grid", "fixed", "adam", "kfac", "kfac grid", "gradient")
     }
-    engd = ENGD(models["grid"].parameters())
-    fixed = ENGD(models["fixed"].parameters(), lr=1e-3, line_search_fn=None)
-    adam = torch.optim.Adam(models["adam"].parameters(), lr=1e-3)
-    jacobian, residual = stacked_system(residual_tapes(models["grid"], problem, *points))
-    rows, columns = jacobian.shape
+    steps: dict[str, Any] = {}
+    columns = sum(p.numel() for p in models["grid"].parameters())
+    rows = problem.interior + problem.boundary
+    if wanted & {"engd", "engd fixed lr", "floor", "tapes"}:
+        engd = ENGD(models["grid"].parameters())
+        fixed = ENGD(models["fixed"].parameters(), lr=1e-3, line_search_fn=None)
+        jacobian, residual = stacked_system(residual_tapes(models["grid"], problem, *points))
 
-    def floor() -> None:
-        if rows < columns:  # EN2: J̃ J̃ᵀ, Cholesky, two triangular solves, J̃ᵀ α
-            factor = torch.linalg.cholesky(
-                lower_gram(jacobian) + 1e-10 * torch.eye(rows, dtype=jacobian.dtype)
-            )
-            jacobian.t().mv(torch.cholesky_solve(residual.unsqueeze(1), factor).squeeze(1))
-        else:  # EN1: J̃ᵀ J̃, J̃ᵀ r̃, Cholesky, two triangular solves
-            gramian = lower_gram(jacobian.t()) + 1e-10 * torch.eye(columns, dtype=jacobian.dtype)
-            torch.cholesky_solve(jacobian.t().mv(residual).unsqueeze(1), torch.linalg.cholesky(gramian))
+        def floor() -> None:
+            if rows < columns:  # EN2: J̃ J̃ᵀ, Cholesky, two triangular solves, J̃ᵀ α
+                factor = torch.linalg.cholesky(
+                    lower_gram(jacobian) + 1e-10 * torch.eye(rows, dtype=jacobian.dtype)
+                )
+                jacobian.t().mv(torch.cholesky_solve(residual.unsqueeze(1), factor).squeeze(1))
+            else:  # EN1: J̃ᵀ J̃, J̃ᵀ r̃, Cholesky, two triangular solves
+                gramian = lower_gram(jacobian.t()) + 1e-10 * torch.eye(columns, dtype=jacobian.dtype)
+                torch.cholesky_solve(jacobian.t().mv(residual).unsqueeze(1), torch.linalg.cholesky(gramian))
+
+        steps.update(
+            {
+                "engd": lambda: engd.step(lambda: residual_tapes(models["grid"], problem, *points)),
+                "engd fixed lr": lambda: fixed.step(
+                    lambda: residual_tapes(models["fixed"], problem, *points)
+                ),
+                "floor": floor,
+                "tapes": lambda: stacked_system(residual_tapes(models["grid"], problem, *points)),
+            }
+        )
+    adam = torch.optim.Adam(models["adam"].parameters(), lr=1e-3)
 
     def adam_step() -> None:
         adam.zero_grad()
         sum(loss_terms(models["adam"], problem, *points)).backward()
         adam.step()
 
-    steps = {
-        "engd": lambda: engd.step(lambda: residual_tapes(models["grid"], problem, *points)),
-        "engd fixed lr": lambda: fixed.step(lambda: residual_tapes(models["fixed"], problem, *points)),
-        "floor": floor,
-        "tapes": lambda: stacked_system(residual_tapes(models["grid"], problem, *points)),
-        "adam": adam_step,
-    }
+    def gradient_step() -> None:
+        for p in models["gradient"].parameters():
+            p.grad = None
+        sum(loss_terms(models["gradient"], problem, *points)).backward()
+
+    kfac = KFAC(models["kfac"].parameters())
+    kfac_grid = KFAC(models["kfac grid"].parameters(), line_search_fn="grid")
+    steps.update(
+        {
+            "adam": adam_step,
+            "kfac": lambda: kfac.step(lambda: residual_tapes(models["kfac"], problem, *points)),
+            "kfac grid": lambda: kfac_grid.step(
+                lambda: residual_tapes(models["kfac grid"], problem, *points)
+            ),
+            "gradient": gradient_step,
+        }
+    )
+    steps = {name: step for name, step in steps.items() if name in wanted}
     with threads(args.threads):
         times = interleaved_medians(
-            steps, rounds=args.rounds, min_run_time=args.min_run_time, threads=args.threads
+            steps,
+            rounds=args.rounds,
+            min_run_time=args.min_run_time,
+            threads=args.threads,
+            timer=args.timer,
         )
     median = {name: t["median_s"] for name, t in times.items()}
+    ratios = {
+        "engd_over_floor": ("engd", "floor"),
+        "engd_fixed_over_floor": ("engd fixed lr", "floor"),
+        "engd_over_adam": ("engd", "adam"),
+        "kfac_over_gradient": ("kfac", "gradient"),
+        "kfac_grid_over_gradient": ("kfac grid", "gradient"),
+        "kfac_over_adam": ("kfac", "adam"),
+    }
     return {
         "problem": problem_name,
         "sizes": problem.sizes,
         "parameters": columns,
         "residuals": rows,
         "space": "residuals (kernel, EN2)" if rows < columns else "parameters (Gramian, EN1)",
+        "timer": args.timer,
         "times": times,
-        "engd_over_floor": median["engd"] / median["floor"],
-        "engd_fixed_over_floor": median["engd fixed lr"] / median["floor"],
-        "engd_over_adam": median["engd"] / median["adam"],
+        **{
+            key: median[a] / median[b]
+            for key, (a, b) in ratios.items()
+            if a in median and b in median
+        },
+    }  # fmt: skip
+
+
+_ONE_KFAC_STEP = """
+import dataclasses, json, resource, sys
+import torch
+from torch_backprop import KFAC, BackpropMLP
+from torch_backprop.cli.pinn_problems import PROBLEMS, residual_tapes
+name, interior, boundary = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+problem = dataclasses.replace(PROBLEMS[name], interior=interior, boundary=boundary)
+torch.manual_seed(0)
+model = BackpropMLP(problem.sizes, "tanh", dtype=torch.float64)
+points = problem.sample(torch.Generator().manual_seed(0), torch.float64)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+KFAC(model.parameters()).step(lambda: residual_tapes(model, problem, *points))
+print(json.dumps([before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss]))
+"""
+
+
+def memory(problem_name: str, interior: int, boundary: int) -> dict[str, Any]:
+    """Peak resident memory of one KFAC step in a fresh process (ru_maxrss, Linux KiB), and before it."""
+    child = subprocess.run(
+        [sys.executable, "-c", _ONE_KFAC_STEP, problem_name, str(interior), str(boundary)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    baseline, peak = json.loads(child.stdout.strip().splitlines()[-1])
+    return {
+        "problem": problem_name,
+        "interior": interior,
+        "boundary": boundary,
+        "peak_gib": peak / 2**20,
+        "before_step_gib": baseline / 2**20,
     }
 
 
@@ -328,8 +448,16 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{problem:15s} D={result['parameters']} N={result['residuals']} ({result['space']}): "
             + ", ".join(f"{name} {ms:.1f} ms" for name, ms in times.items())
-            + f"; engd/floor {result['engd_over_floor']:.2f}, "
-            f"fixed/floor {result['engd_fixed_over_floor']:.2f}, engd/adam {result['engd_over_adam']:.1f}"
+            + "; "
+            + ", ".join(f"{key} {value:.2f}" for key, value in result.items() if "_over_" in key)
+        )
+    results["memory"] = []
+    for problem, interior, boundary in args.memory:
+        result = memory(problem, interior, boundary)
+        results["memory"].append(result)
+        print(
+            f"{problem:15s} one KFAC step on {interior} + {boundary} points: peak "
+            f"{result['peak_gib']:.2f} GiB ({result['before_step_gib']:.2f} GiB before the step)"
         )
     for problem, steps, theirs in args.authors:
         result = side_by_side(problem, steps, theirs, args)

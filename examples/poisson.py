@@ -20,11 +20,13 @@ the adjoint recursion TA1-TA5, no nested backward. The run reports the relative 
 With ``--optimizer engd`` the same loss is minimised by energy natural gradient descent
 (``torch_backprop.ENGD``): the residuals' Jacobian from one Taylor pass and one adjoint pass
 (``torch_backprop.residual_jacobian``), the Gauss–Newton step solved in float64, the grid line search;
-ENGD trains in float64.
+ENGD trains in float64. ``--optimizer kfac`` takes ``torch_backprop.KFAC`` instead: the same tapes,
+their Kronecker factors per layer inverted exactly, the automatic step size and momentum; also float64.
 
     python examples/poisson.py --dim 10               # u* = Σ cos(π x_i), 3000 steps
     python examples/poisson.py --dim 100
     python examples/poisson.py --dim 10 --optimizer engd
+    python examples/poisson.py --dim 10 --optimizer kfac
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from torch_backprop import ENGD, BackpropMLP, laplacian, residual_jacobian
+from torch_backprop import ENGD, KFAC, BackpropMLP, laplacian, residual_jacobian
 from torch_backprop.activations import available_activations
 from torch_backprop.cli import options
 
@@ -131,11 +133,18 @@ def train(
 
 
 def train_engd(
-    model: BackpropMLP, problem: Problem, dim: int, steps: int, points: int, seed: int, log_every: int = 0
+    model: BackpropMLP,
+    problem: Problem,
+    dim: int,
+    steps: int,
+    points: int,
+    seed: int,
+    log_every: int = 0,
+    kfac: bool = False,
 ) -> list[float]:
-    """ENGD on fresh points each step (drawn from ``seed``), the same two terms as ``poisson_loss``."""
+    """ENGD (or KFAC) on fresh points each step (drawn from ``seed``), the terms of ``poisson_loss``."""
     generator = torch.Generator().manual_seed(seed)
-    optimizer = ENGD(model.parameters())
+    optimizer = KFAC(model.parameters(), damping=1e-8) if kfac else ENGD(model.parameters())
     dtype = model.layers[0].weight.dtype
 
     def interior(x: Tensor, d) -> Tensor:
@@ -194,9 +203,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the parameters and the points")
     parser.add_argument(
-        "--float64", action="store_true", help="train in float64 (default: float32; ENGD: always float64)"
+        "--float64", action="store_true", help="train in float64 (default: float32; ENGD, KFAC: float64)"
     )
-    parser.add_argument("--optimizer", choices=["adam", "engd"], default="adam", help="Adam, or ENGD")
+    parser.add_argument(
+        "--optimizer", choices=["adam", "engd", "kfac"], default="adam", help="Adam, ENGD or KFAC"
+    )
     return parser
 
 
@@ -206,14 +217,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.solution == "products" and args.dim % 2:
         parser.error(f"--solution products pairs the coordinates: expected an even --dim, got {args.dim}")
     problem = PROBLEMS[args.solution]
-    dtype = torch.float64 if args.float64 or args.optimizer == "engd" else torch.float32
+    dtype = torch.float64 if args.float64 or args.optimizer != "adam" else torch.float32
     torch.manual_seed(args.seed)
     model = BackpropMLP([args.dim, *args.hidden, 1], args.activation, dtype=dtype)
     print(f"Poisson on [0, 1]^{args.dim}, {problem.name}; BackpropMLP {model.sizes} {args.activation}")
     start = time.perf_counter()
     log_every = max(args.steps // 6, 1)
-    if args.optimizer == "engd":
-        losses = train_engd(model, problem, args.dim, args.steps, args.points, args.seed, log_every)
+    if args.optimizer != "adam":
+        kfac = args.optimizer == "kfac"
+        losses = train_engd(model, problem, args.dim, args.steps, args.points, args.seed, log_every, kfac)
     else:
         losses = train(model, problem, args.dim, args.steps, args.points, args.lr, args.seed, log_every)
     seconds = time.perf_counter() - start

@@ -24,9 +24,9 @@ ALLOWED = {
     "optim": {"core", "pde", "secondorder"},  # the room above pde and secondorder
     "cli": {"core", "firstorder", "secondorder", "pde", "optim", "facade"},
 }
-# 6 for the slides' rooms; the optimisers' room sits above pde (its residual tape) and adds two levels,
-# and the command that drives it one more: core ... module -> pde.operators -> pde.residual ->
-# optim.least_squares -> optim.engd -> cli.pinn.
+# 6 for the slides' rooms; the optimisers' room sits above pde (its residual tape) and adds two levels:
+# core ... module -> pde.operators -> pde.residual -> optim.least_squares -> optim.engd (or optim.kfac),
+# and the pinn command one more above the optimisers.
 MAX_CHAIN = 9
 
 
@@ -167,7 +167,7 @@ PUBLIC = [
     "available_activations", "curvature", "dp_sgd_step", "functional", "get_activation",
     "ggn_vector_product", "per_sample", "register_activation", "testing",
     "input_derivatives", "laplacian", "pde",
-    "ENGD", "residual_jacobian",
+    "ENGD", "KFAC", "residual_jacobian",
 ]
 
 

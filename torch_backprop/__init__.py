@@ -23,7 +23,7 @@ from .firstorder.clipping import AdaptiveClipping
 from .firstorder.dp_sgd import dp_sgd_step
 from .firstorder.noise import GaussianNoise
 from .firstorder.per_sample import per_sample
-from .optim import ENGD
+from .optim import ENGD, KFAC
 from .pde import input_derivatives, laplacian, residual_jacobian
 from .secondorder.curvature import curvature
 from .secondorder.products import ggn_vector_product
@@ -34,6 +34,7 @@ __all__ = [
     "BackpropMLP",
     "ENGD",
     "GaussianNoise",
+    "KFAC",
     "MLPFunction",
     "activations",
     "available_activations",

@@ -151,3 +151,22 @@ def test_opacus_fast_path_takes_the_twins_step(tmp_path):
     for row in rows:  # one noise-free Opacus step on the fused stack leaves the twin's parameters
         assert row["max_parameter_difference"] < 1e-6, row
         assert row["twin_ms"] > 0 and row["fused_ms"] > 0 and row["fused_peak_bytes"] > 0
+
+
+def test_pinn_benchmark_runs_and_times_kfac(tmp_path):
+    out = tmp_path / "pinn.json"
+    argv = [
+        *("--runs", "poisson2d:2", "--optimizers", "kfac", "--seeds", "0", "--log-every", "1"),
+        *("--runs-dir", str(tmp_path / "runs"), "--timing", "poisson2d", "--contenders", "kfac", "gradient"),
+        *("--rounds", "1", "--min-run-time", "0.01", "--threads", "1", "--timer", "cpu", "--json", str(out)),
+        *("--memory", "poisson2d:8:4"),
+    ]
+    assert load("pinn").main(argv) == 0
+    report = json.loads(out.read_text())
+    run = report["runs"]["poisson2d/kfac"]
+    assert [e["step"] for e in run["curve"]] == [0, 1, 2] and run["rms_error"]["median"] > 0
+    (timing,) = report["timing"]
+    assert set(timing["times"]) == {"kfac", "gradient"} and timing["kfac_over_gradient"] > 0
+    assert "engd_over_floor" not in timing and timing["timer"] == "cpu"
+    (memory,) = report["memory"]
+    assert memory["interior"] == 8 and memory["peak_gib"] >= memory["before_step_gib"] > 0

@@ -16,7 +16,7 @@ from torch_backprop.pde import InputDerivatives
 F64 = GRAD_TOLERANCE[torch.float64]
 
 
-@pytest.mark.parametrize("optimizer", ["engd", "adam", "lbfgs"])
+@pytest.mark.parametrize("optimizer", ["engd", "kfac", "adam", "lbfgs"])
 def test_a_run_writes_its_files_and_resumes_exactly(tmp_path, optimizer, capsys):
     straight, split = tmp_path / "straight", tmp_path / "split"
     common = ["pinn", "--problem", "heat1d", "--optimizer", optimizer, "--log-every", "2", "--quiet"]
@@ -64,9 +64,7 @@ def test_the_logged_errors_are_those_of_the_saved_model(tmp_path):
         "RMS error",
     )
     relative = error.norm() / torch.sin(torch.pi * points).prod(-1).norm()
-    assert_close(
-        torch.tensor(last["relative_l2"], dtype=torch.float64), relative, F64, "relative L2 error"
-    )
+    assert_close(torch.tensor(last["relative_l2"], dtype=torch.float64), relative, F64, "relative L2 error")
 
 
 @pytest.mark.parametrize("name", list(PROBLEMS))
@@ -102,7 +100,21 @@ def test_each_exact_solution_solves_its_pde(name):
     [
         (["--problem", "nope"], "invalid choice: 'nope'"),
         (["--steps", "-1"], "expected an integer >= 0, got '-1'"),
-        (["--optimizer", "adam", "--damping", "1e-3"], "--initialize-to-identity are ENGD's"),
+        (
+            ["--optimizer", "adam", "--damping", "1e-3"],
+            "--damping, --momentum and --ema-factor are ENGD's and KFAC's",
+        ),
+        (["--optimizer", "kfac", "--solver", "cholesky"], "--solver and --initialize-to-identity are ENGD's"),
+        (
+            ["--optimizer", "engd", "--inverse-every", "2"],
+            "--inverse-every: KFAC's; --optimizer engd takes none",
+        ),
+        (["--optimizer", "kfac", "--momentum", "0.5"], "KFAC's --line-search auto chooses the momentum"),
+        (
+            ["--optimizer", "kfac", "--lr", "0.1", "--line-search", "grid"],
+            "--lr 0.1 is a fixed step size; leave out --line-search grid",
+        ),
+        (["--optimizer", "kfac", "--inverse-every", "0"], "expected an integer >= 1, got '0'"),
         (["--lr", "0"], "expected a finite number > 0, got '0'"),
         (
             ["--resume", "/nonexistent-run"],
@@ -133,9 +145,7 @@ def test_resume_of_an_unreadable_checkpoint_is_one_line(tmp_path, capsys):
 def test_resume_of_another_configuration_is_refused(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["pinn", "--problem", "heat1d", "--steps", "1", "--out", str(out), "--quiet"]) == 0
-    assert (
-        main(["pinn", "--problem", "heat1d", "--steps", "2", "--seed", "3", "--resume", str(out)]) == 2
-    )
+    assert main(["pinn", "--problem", "heat1d", "--steps", "2", "--seed", "3", "--resume", str(out)]) == 2
     assert "is a run with --seed 0, got 3" in capsys.readouterr().err
 
 
@@ -144,3 +154,18 @@ def exit_code(argv):
         return main(argv)
     except SystemExit as exit:  # argparse's own refusals
         return exit.code
+
+
+def test_kfac_runs_log_their_step_rule_and_skipped_counts(tmp_path):
+    out = tmp_path / "run"
+    argv = ["pinn", "--problem", "poisson2d", "--optimizer", "kfac", "--steps", "3", "--log-every", "3"]
+    argv += ["--line-search", "grid", "--momentum", "0.3", "--ema-factor", "0.5", "--inverse-every", "2"]
+    assert main([*argv, "--out", str(out), "--quiet"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    last = metrics["log"][-1]
+    assert set(last["skipped"]) == {"steps", "factors", "inverses"} and last["skipped"]["factors"] == 0
+    assert last["lr"] >= 0 and last["momentum"] in (0.0, 0.3)  # 0 after a step the grid left out
+    assert metrics["config"]["line_search"] == "grid" and metrics["config"]["inverse_every"] == 2
+    saved = torch.load(out / "checkpoint.pt", weights_only=False)
+    state = saved["optimizer"]["state"]["kfac"]
+    assert state["step"] == 3 and state["basis_step"] == 3 and state["update"].dtype == torch.float64

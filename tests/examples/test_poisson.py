@@ -72,3 +72,23 @@ def test_engd_solves_the_small_problem_far_below_adam(capsys):
     argv = ["--dim", "2", "--steps", "2", "--points", "8", "--hidden", "8", "--optimizer", "engd"]
     assert example.main(argv) == 0
     assert "relative L2 error" in capsys.readouterr().out
+
+
+def test_kfac_solves_the_small_problem_far_below_adam(capsys):
+    # Same model, points and steps as above: KFAC's relative error is a tenth of Adam's or less.
+    example = load_example("poisson")
+    problem = example.PROBLEMS["sines"]
+    errors = {}
+    for name in ("adam", "kfac"):
+        torch.manual_seed(0)
+        model = example.BackpropMLP([2, 16, 1], "tanh", dtype=torch.float64)
+        if name == "adam":
+            example.train(model, problem, 2, steps=40, points=64, lr=1e-2, seed=0)
+        else:
+            losses = example.train_engd(model, problem, 2, steps=40, points=64, seed=0, kfac=True)
+            assert losses[-1] < 1e-2 * losses[0]
+        errors[name] = example.relative_error(model, problem, 2)
+    assert errors["kfac"] < 0.1 * errors["adam"]
+    argv = ["--dim", "2", "--steps", "2", "--points", "8", "--hidden", "8", "--optimizer", "kfac"]
+    assert example.main(argv) == 0
+    assert "relative L2 error" in capsys.readouterr().out

@@ -10,6 +10,11 @@ relative L2 errors on 10 N_Ω fixed test points and writes, atomically, ``checkp
 model, the optimiser, the sampler's generator and the current points: ``--resume`` continues
 bitwise), ``model.pt`` and ``metrics.json``; at the end ``curves.png`` (error against step and
 against time) when matplotlib is installed.
+
+``--optimizer kfac`` is :class:`~torch_backprop.optim.KFAC`: the interior and boundary Kronecker
+factors of the same tapes, their moving averages (``--ema-factor``), the inverse every
+``--inverse-every`` steps, and the automatic step size and momentum (``--line-search auto``) or the
+grid line search; each logged entry carries its skipped-step counts.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from typing import Any
 import torch
 
 from ..core.module import BackpropMLP
-from ..optim import ENGD
+from ..optim import ENGD, KFAC
 from .files import write_figure, write_json, write_torch
 from .options import ConfigError, number
 from .pinn_problems import PROBLEMS, Problem, errors, loss_terms, residual_tapes
@@ -32,15 +37,23 @@ from .run_folder import CHECKPOINT, CURVES, METRICS, MODEL, RunFolder, check_out
 
 __all__ = ["add_arguments", "run", "train"]
 
-OPTIMIZERS = ("engd", "adam", "lbfgs")
+OPTIMIZERS = ("engd", "kfac", "adam", "lbfgs")
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 ENGD_SOLVER = "cholesky"
 ENGD_EMA_FACTOR = 0.3  # with the identity start: the KFAC-for-PINNs authors' best ENGD runs
-_DEFAULT_LR = {"engd": None, "adam": 1e-3, "lbfgs": 0.1}  # L-BFGS at 1 or 0.5 stalls on poisson2d
+KFAC_EMA_FACTOR = 0.95
+_DEFAULT_LR = {
+    "engd": None,
+    "kfac": None,
+    "adam": 1e-3,
+    "lbfgs": 0.1,
+}  # L-BFGS at 1 or 0.5 stalls on poisson2d
 _CONFIG_KEYS = (
-    "problem", "optimizer", "dtype", "seed", "lr",
-    "damping", "momentum", "solver", "ema_factor", "initialize_to_identity",
+    "problem", "optimizer", "dtype", "seed", "lr", "damping", "momentum", "solver", "ema_factor",
+    "initialize_to_identity", "inverse_every", "line_search",
 )  # fmt: skip
+_SECOND_ORDER = ("engd", "kfac")
+_KFAC_DEFAULTS = {"inverse_every": 1, "line_search": None}  # KFAC's own options
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -73,10 +86,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--damping",
         type=number(float, low=0),
         default=1e-10,
-        help="ENGD's damping λ of the Gramian or kernel (default: %(default)s)",
+        help="ENGD's damping λ of the Gramian or kernel, KFAC's of every Kronecker factor "
+        "(default: %(default)s)",
     )
     add(
-        "--momentum", type=number(float, low=0, high=1, high_open=True), default=0.0, help="ENGD's momentum μ"
+        "--momentum",
+        type=number(float, low=0, high=1, high_open=True),
+        default=0.0,
+        help="ENGD's and KFAC's momentum μ (not with KFAC's --line-search auto, which chooses it)",
+    )
+    add(
+        "--line-search",
+        choices=["auto", "grid"],
+        default=None,
+        help="KFAC's step rule without --lr: auto (the 2x2 quadratic model, the default) or grid",
+    )
+    add(
+        "--inverse-every",
+        type=number(int, low=1),
+        default=_KFAC_DEFAULTS["inverse_every"],
+        help="KFAC recomputes its inverse every this many steps (default: %(default)s)",
     )
     add(
         "--solver",
@@ -89,8 +118,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--ema-factor",
         type=number(float, low=0, high=1, high_open=True),
         default=None,
-        help="ENGD's moving average β of the Gramian over steps, in parameter space (0: none; "
-        "default 0.3, the KFAC-for-PINNs authors' best ENGD runs)",
+        help="the moving average β over steps: of ENGD's Gramian, in parameter space (0: none; "
+        "default 0.3, the KFAC-for-PINNs authors' best ENGD runs), of KFAC's Kronecker factors "
+        "(default 0.95)",
     )
     add(
         "--initialize-to-identity",
@@ -121,20 +151,34 @@ def validate(args: argparse.Namespace) -> dict[str, Any] | None:
     Raises:
         ConfigError: options that do not fit together, an unusable folder, or a checkpoint of another run.
     """
-    averaging = (args.ema_factor, args.initialize_to_identity, args.solver)
-    engd_only = args.momentum or args.damping != 1e-10 or averaging != (None, None, None)
-    if args.optimizer != "engd" and engd_only:
+    shared = args.momentum or args.damping != 1e-10 or args.ema_factor is not None
+    if args.optimizer not in _SECOND_ORDER and shared:
         raise ConfigError(
-            "--damping, --momentum, --solver, --ema-factor and --initialize-to-identity are ENGD's; "
+            "--damping, --momentum and --ema-factor are ENGD's and KFAC's; "
             f"--optimizer {args.optimizer} takes none of them"
         )
-    engd = args.optimizer == "engd"
+    if args.optimizer != "engd" and (args.solver is not None or args.initialize_to_identity is not None):
+        raise ConfigError(
+            f"--solver and --initialize-to-identity are ENGD's; --optimizer {args.optimizer} takes neither"
+        )
+    kfac_options = [
+        f"--{key.replace('_', '-')}" for key, value in _KFAC_DEFAULTS.items() if getattr(args, key) != value
+    ]
+    if args.optimizer != "kfac" and kfac_options:
+        raise ConfigError(f"{', '.join(kfac_options)}: KFAC's; --optimizer {args.optimizer} takes none")
+    if args.optimizer == "kfac" and args.lr is not None and args.line_search is not None:
+        raise ConfigError(f"--lr {args.lr} is a fixed step size; leave out --line-search {args.line_search}")
+    if args.optimizer == "kfac" and args.momentum and args.lr is None and args.line_search != "grid":
+        raise ConfigError(
+            "KFAC's --line-search auto chooses the momentum itself; give --line-search grid or --lr "
+            f"with --momentum {args.momentum}"
+        )
     if args.ema_factor is None:
-        args.ema_factor = ENGD_EMA_FACTOR if engd else 0.0
+        args.ema_factor = {"engd": ENGD_EMA_FACTOR, "kfac": KFAC_EMA_FACTOR}.get(args.optimizer, 0.0)
     if args.initialize_to_identity is None:
-        args.initialize_to_identity = engd
+        args.initialize_to_identity = args.optimizer == "engd"
     if args.solver is None:
-        args.solver = ENGD_SOLVER if engd else "cholesky"
+        args.solver = ENGD_SOLVER
     if args.resume is not None:
         if args.out is not None and args.out.resolve() != args.resume.resolve():
             raise ConfigError(
@@ -154,9 +198,10 @@ def validate(args: argparse.Namespace) -> dict[str, Any] | None:
                 f"--resume expected the folder of a pinn run, got one of {saved.get('command')!r}"
             )
         for key in _CONFIG_KEYS:
-            if getattr(args, key) != saved["config"][key]:
+            was = saved["config"].get(key, getattr(args, key))  # a key a run predates: as given now
+            if getattr(args, key) != was:
                 raise ConfigError(
-                    f"--resume {args.resume} is a run with --{key.replace('_', '-')} {saved['config'][key]}, "
+                    f"--resume {args.resume} is a run with --{key.replace('_', '-')} {was}, "
                     f"got {getattr(args, key)}"
                 )
         args.out = args.resume
@@ -183,6 +228,16 @@ def make_optimizer(model: BackpropMLP, args: argparse.Namespace) -> torch.optim.
             initialize_to_identity=args.initialize_to_identity,
             solver=args.solver,
         )
+    if args.optimizer == "kfac":
+        return KFAC(
+            model.parameters(),
+            lr=lr or 1.0,
+            damping=args.damping,
+            momentum=args.momentum,
+            ema_factor=args.ema_factor,
+            inverse_every=args.inverse_every,
+            line_search_fn=None if lr is not None else (args.line_search or "auto"),
+        )
     if args.optimizer == "adam":
         return torch.optim.Adam(model.parameters(), lr=lr)
     return torch.optim.LBFGS(
@@ -197,10 +252,10 @@ def optimizer_step(
     x_in: torch.Tensor,
     x_bd: torch.Tensor,
 ) -> tuple[float, list[float]]:
-    """One step of any of the three; returns the loss before it and its two terms."""
-    if isinstance(optimizer, ENGD):
+    """One step of any of the four; returns the loss before it and its two terms."""
+    if isinstance(optimizer, (ENGD, KFAC)):
         loss = optimizer.step(lambda: residual_tapes(model, problem, x_in, x_bd))
-        return float(loss), list(optimizer.state["engd"]["losses"])
+        return float(loss), list(optimizer.state[_state_key(optimizer)]["losses"])
     terms: list[float] = []
 
     def closure() -> torch.Tensor:
@@ -289,9 +344,17 @@ def _measure(
         "rms_error": rms,
         "relative_l2": relative,
     }
-    if isinstance(optimizer, ENGD) and "lr" in optimizer.state["engd"]:
-        entry["lr"] = optimizer.state["engd"]["lr"]
+    if isinstance(optimizer, (ENGD, KFAC)) and "lr" in optimizer.state[_state_key(optimizer)]:
+        state = optimizer.state[_state_key(optimizer)]
+        entry["lr"] = state["lr"]
+        if isinstance(optimizer, KFAC):
+            entry["momentum"] = state["momentum"]
+            entry["skipped"] = dict(state["skipped"])  # steps, factors, inverses left out so far
     return entry
+
+
+def _state_key(optimizer: torch.optim.Optimizer) -> str:
+    return "kfac" if isinstance(optimizer, KFAC) else "engd"
 
 
 def _write(

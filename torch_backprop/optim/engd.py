@@ -31,6 +31,7 @@ from torch import Tensor
 
 from .least_squares import (
     DEFAULT_GRID,
+    check_number,
     grid_line_search,
     lower_gram,
     stacked_system,
@@ -114,14 +115,14 @@ class ENGD(torch.optim.Optimizer):
         ema_factor: float = 0.0,
         initialize_to_identity: bool = False,
     ) -> None:
-        _check_number("lr", lr, low=0, open_low=True)
-        _check_number("ema_factor", ema_factor, low=0, high=1, open_high=True)
+        check_number("ENGD", "lr", lr, low=0, open_low=True)
+        check_number("ENGD", "ema_factor", ema_factor, low=0, high=1, open_high=True)
         if not isinstance(initialize_to_identity, bool):
             raise TypeError(
                 f"ENGD expects initialize_to_identity True or False, got {initialize_to_identity!r}"
             )
-        _check_number("momentum", momentum, low=0, high=1, open_high=True)
-        _check_number("damping", damping, low=0)
+        check_number("ENGD", "momentum", momentum, low=0, high=1, open_high=True)
+        check_number("ENGD", "damping", damping, low=0)
         if line_search_fn not in ("grid", None):
             raise ValueError(f"ENGD expects line_search_fn 'grid' or None, got {line_search_fn!r}")
         grid = DEFAULT_GRID if grid is None else tuple(grid)
@@ -297,26 +298,3 @@ class ENGD(torch.optim.Optimizer):
 
 def _split_rows(residual: Tensor, terms: Sequence[Any]) -> list[Tensor]:
     return list(residual.split([len(t) for t in terms]))
-
-
-def _check_number(
-    name: str,
-    value: float,
-    *,
-    low: float,
-    high: float = math.inf,
-    open_low: bool = False,
-    open_high: bool = False,
-) -> None:
-    ok = (
-        isinstance(value, (int, float))
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-        and (value > low if open_low else value >= low)
-        and (value < high if open_high else value <= high)
-    )
-    if not ok:
-        bounds = f"{'>' if open_low else '>='} {low:g}" + (
-            f" and {'<' if open_high else '<='} {high:g}" if math.isfinite(high) else ""
-        )
-        raise ValueError(f"ENGD expects {name} to be a finite number {bounds}, got {value!r}")

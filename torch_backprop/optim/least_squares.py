@@ -26,6 +26,7 @@ from ..pde.residual import ResidualTape
 
 __all__ = [
     "DEFAULT_GRID",
+    "check_number",
     "grid_line_search",
     "lower_gram",
     "stacked_system",
@@ -183,3 +184,28 @@ def write_parameters(params: Sequence[Tensor], origin: Sequence[Tensor], update:
             return
         for p, p0, u in zip(params, origin, update.split([p.numel() for p in params]), strict=True):
             p.copy_(p0 + u.view_as(p).to(p.dtype))
+
+
+def check_number(
+    caller: str,
+    name: str,
+    value: float,
+    *,
+    low: float,
+    high: float = math.inf,
+    open_low: bool = False,
+    open_high: bool = False,
+) -> None:
+    """Refuse anything but a finite number within the bounds, naming the caller, option and value."""
+    ok = (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and (value > low if open_low else value >= low)
+        and (value < high if open_high else value <= high)
+    )
+    if not ok:
+        bounds = f"{'>' if open_low else '>='} {low:g}" + (
+            f" and {'<' if open_high else '<='} {high:g}" if math.isfinite(high) else ""
+        )
+        raise ValueError(f"{caller} expects {name} to be a finite number {bounds}, got {value!r}")

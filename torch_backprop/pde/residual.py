@@ -32,10 +32,25 @@ S = 1, Z^(l) = h^(l), G^(l) = δ^(l+1) seeded on r_n alone.
 
 The residual function must be pointwise: r_n may depend on point n's values alone (any torch
 function of them, linear or not, and of x_n); RJ1 seeds each point with its own derivative.
+
+Kronecker factors (KF1-KF3, KFAC-expand for the weight-shared Taylor pass: Dangel, Müller &
+Zeinhofer, NeurIPS 2024; Eschenhagen et al., NeurIPS 2023). The term's Gauss–Newton block of layer
+l, over W̃^(l) = [W^(l), b^(l)] flattened row by row (vec(g z̃ᵀ) = g ⊗ z̃), is
+(1/N) Σ_n w_n vec(J̃_n) vec(J̃_n)ᵀ with J̃_n = Σ_s g_{n,s} z̃_{n,s}ᵀ (RJ2). KFAC-expand takes the
+N·S rows as independent (it drops the cross terms s ≠ s′) and factorises their sum as
+Σ_r a_r ⊗ b_r ≈ (Σ_r a_r) ⊗ (Σ_r b_r) / R over the R = N·S rows, giving B^(l) ⊗ A^(l) with:
+    KF1  Z̃^(l) = [Z^(l), e] (S, N, n_l + 1),  e_s = 1 in the h row, 0 in the others (the bias's input)
+    KF2  A^(l) = Σ_{n,s} z̃_{n,s} z̃_{n,s}ᵀ / (N S)                        ((n_l + 1)², the inputs)
+    KF3  B^(l) = Σ_{n,s} w_n g_{n,s} g_{n,s}ᵀ / N                          (n_{l+1}², the adjoints)
+KF3 is the paper's N·ĜᵀĜ with Ĝ = √w G / N, the adjoints seeded on ∂ℓ/∂r_n = w_n r_n / N of the
+term's loss ℓ = ½ mean w r² with the residual replaced by 1 (the Gauss–Newton seed). Columns follow
+the layer's trainable parameters: W's n_l and b's one, either left out when frozen. A boundary term
+(S = 1) gives ordinary KFAC; for one point (N = S = 1) B ⊗ A is the Gauss–Newton block exactly.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -90,6 +105,11 @@ class ResidualTape:
             if p is not None and p.requires_grad
         ]
         self.parameters = [p for _, _, p in self._columns]
+
+    @property
+    def columns(self) -> list[tuple[int, str, Tensor]]:
+        """The Jacobian's column blocks in order: ``(layer index, "weight" or "bias", parameter)``."""
+        return list(self._columns)
 
     def __len__(self) -> int:
         return self.residual.shape[0]
@@ -174,6 +194,51 @@ class ResidualTape:
         """JᵀJ, ``(D, D)`` (RJ5)."""
         jacobian = self.jacobian()
         return jacobian.t().mm(jacobian)
+
+    # -- Kronecker factors -----------------------------------------------------------------------
+
+    def kronecker_factors(self, dtype: torch.dtype = torch.float64) -> list[tuple[Tensor, Tensor] | None]:
+        """Per layer, the KFAC-expand factors ``(A, B)`` of this term (KF1-KF3), in ``dtype``.
+
+        ``A`` is ``(m, m)`` over the layer's trainable input columns (n_l for W, one more for b, in the
+        order ``[W, b]``), ``B`` is ``(n_{l+1}, n_{l+1})``; ``None`` for a layer with nothing trainable.
+        For a term with no points both are zero. B ⊗ A approximates the term's Gauss–Newton block of
+        the layer, ``[W, b]`` flattened row by row.
+
+        Shape:
+            A: ``(n_l + 1, n_l + 1)`` with a trainable weight and bias (``n_l`` or 1 with one of them);
+            B: ``(n_{l+1}, n_{l+1})``.
+        """
+        trainable: dict[int, set[str]] = {}
+        for k, name, _ in self._columns:
+            trainable.setdefault(k, set()).add(name)
+        rows = max(len(self), 1)
+        weight = self.weight
+        out: list[tuple[Tensor, Tensor] | None] = []
+        for k, (Z, G) in enumerate(self._factors):
+            if k not in trainable:
+                out.append(None)
+                continue
+            S = Z.shape[0]
+            Z, G = Z.to(dtype).flatten(0, 1), G.to(dtype)
+            if isinstance(weight, Tensor):
+                G = G * weight.to(dtype).sqrt().view(1, -1, 1)
+            else:
+                G = G * math.sqrt(weight)
+            G = G.flatten(0, 1)
+            B = G.t().mm(G).div_(rows)  # KF3
+            parts = trainable[k]
+            if "weight" in parts:
+                A = Z.t().mm(Z)  # KF2, the W block
+                if "bias" in parts:
+                    h_sum = Z[: len(self)].sum(0)  # Z̃ᵀe: the h rows come first (KF1)
+                    corner = Z.new_full((1, 1), float(len(self)))
+                    top = torch.cat([A, h_sum.unsqueeze(1)], 1)
+                    A = torch.cat([top, torch.cat([h_sum.unsqueeze(0), corner], 1)])
+            else:
+                A = Z.new_full((1, 1), float(len(self)))  # eᵀe = N
+            out.append((A.div_(rows * S), B))
+        return out
 
 
 def residual_jacobian(
