@@ -65,3 +65,24 @@ def test_write_figure_writes_a_png(tmp_path):
     figure.subplots().plot([0, 1], [1, 0])
     write_figure(figure, tmp_path / "f.png")
     assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_an_interrupt_just_after_the_temporary_is_created_leaves_no_file(tmp_path, monkeypatch):
+    # A SIGTERM or Ctrl-C raised as the temporary file appears (inside tempfile.mkstemp, before the
+    # old code knew the file's name) left a .NAME.*.tmp behind.
+    import torch_backprop.cli.files as files_module
+
+    real_open = os.open
+
+    def open_then_interrupt(*args, **kwargs):
+        os.close(real_open(*args, **kwargs))
+        raise KeyboardInterrupt
+
+    target = tmp_path / "metrics.json"
+    target.write_text("old")
+    with monkeypatch.context() as patch:
+        patch.setattr(files_module.os, "open", open_then_interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            files_module.write_json({"new": 1}, target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
+    assert target.read_text() == "old"

@@ -11,7 +11,7 @@ import contextlib
 import glob
 import json
 import os
-import tempfile
+import secrets
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO, Any
@@ -35,18 +35,28 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], Any]
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_SUFFIX)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual mode
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        raise
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    while True:
+        # The name is chosen before the file exists, so that a signal raised at any point after the
+        # file is created (SIGTERM, KeyboardInterrupt) reaches the cleanup below knowing which file
+        # is ours; tempfile.mkstemp creates the file before it returns the name.
+        temporary = path.parent / f".{path.name}.{secrets.token_hex(6)}{_SUFFIX}"
+        try:
+            try:
+                fd = os.open(temporary, flags, 0o600)
+            except FileExistsError:  # another writer's name: draw again
+                continue
+            with os.fdopen(fd, "wb") as file:
+                write(file)
+                file.flush()
+                os.fsync(file.fileno())
+            os.chmod(temporary, 0o666 & ~_umask())  # created 0600; give the usual mode
+            os.replace(temporary, path)
+            return
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary)
+            raise
 
 
 def remove_temporaries(directory: str | os.PathLike[str], names: Iterable[str]) -> list[Path]:
