@@ -14,40 +14,19 @@ import warnings
 
 import pytest
 import torch
+from _least_squares_problem import EYE2, boundary, closure_of, flat, interior
+from _least_squares_problem import problem as _problem
 from _pde_reference import reference_jacobian
 from conftest import GRAD_TOLERANCE, assert_close
 
 from torch_backprop import ENGD, BackpropMLP, residual_jacobian
 
+
+def problem(n_interior, n_boundary, hidden=6, **kwargs):
+    return _problem(n_interior, n_boundary, hidden, **kwargs)
+
+
 F64 = GRAD_TOLERANCE[torch.float64]
-EYE2 = torch.eye(2, dtype=torch.float64)
-
-
-def interior(x, d):  # −Δu = f for u* = Π sin(π x_i)
-    return -d.operator[:, 0] - 2 * math.pi**2 * torch.sin(math.pi * x).prod(-1)
-
-
-def boundary(x, d):
-    return d.value[:, 0] - torch.sin(math.pi * x).prod(-1)
-
-
-def problem(n_interior, n_boundary, hidden=6, dtype=torch.float64, seed=0):
-    torch.manual_seed(seed)
-    model = BackpropMLP([2, hidden, 1], "tanh", dtype=dtype)
-    g = torch.Generator().manual_seed(seed + 1)
-    x_in = torch.rand(n_interior, 2, generator=g, dtype=dtype)
-    x_bd = torch.rand(n_boundary, 2, generator=g, dtype=dtype)  # on the edges of [0, 1]²
-    x_bd[torch.arange(n_boundary), torch.randint(2, (n_boundary,), generator=g)] = torch.randint(
-        2, (n_boundary,), generator=g
-    ).to(dtype)
-    return model, x_in, x_bd
-
-
-def closure_of(model, x_in, x_bd, weights=(1.0, 1.0)):
-    return lambda: [
-        residual_jacobian(model, x_in, interior, weight=weights[0]),
-        residual_jacobian(model, x_bd, boundary, order=0, weight=weights[1]),
-    ]
 
 
 def dense_system(model, x_in, x_bd, weights=(1.0, 1.0)):
@@ -74,10 +53,6 @@ def assert_step_close(actual, expected, theta0, J, damping, name, dtype=torch.fl
     bound = 10 * kappa * torch.finfo(dtype).eps * float(reference.norm()) + 1e-14
     error = float((step - reference).norm())
     assert error <= bound, f"{name}: |δΔ| = {error:.2e} > {bound:.2e} (κ = {kappa:.1e})"
-
-
-def flat(model):
-    return torch.cat([p.detach().double().flatten() for p in model.parameters()])
 
 
 def loss_at(model, x_in, x_bd, theta, weights=(1.0, 1.0)):

@@ -17,13 +17,19 @@ import warnings
 import pytest
 import torch
 from _kfac_reference import reference_factors
+from _least_squares_problem import EYE2, boundary, closure_of, flat, interior
+from _least_squares_problem import problem as _problem
 from _pde_reference import coefficient_cases, reference_jacobian
 from conftest import GRAD_TOLERANCE, assert_close
 
 from torch_backprop import KFAC, BackpropMLP, available_activations, residual_jacobian
 
+
+def problem(n_interior, n_boundary, hidden=5, **kwargs):
+    return _problem(n_interior, n_boundary, hidden, **kwargs)
+
+
 F64, F32 = GRAD_TOLERANCE[torch.float64], GRAD_TOLERANCE[torch.float32]
-EYE2 = torch.eye(2, dtype=torch.float64)
 SECOND_ORDER = [a for a in available_activations() if a != "identity"]
 
 
@@ -34,14 +40,6 @@ def nonlinear(x, d):
 
 def cubic(x, d):
     return d.value[:, 0] ** 3 - x[:, 0]
-
-
-def interior(x, d):  # −Δu = f for u* = Π sin(π x_i)
-    return -d.operator[:, 0] - 2 * math.pi**2 * torch.sin(math.pi * x).prod(-1)
-
-
-def boundary(x, d):
-    return d.value[:, 0] - torch.sin(math.pi * x).prod(-1)
 
 
 def assert_factors_match(actual, expected, tolerance=F64):
@@ -159,29 +157,6 @@ def test_float32_factors_are_float64_and_an_empty_term_gives_zeros():
 
 # ---------------------------------------------------------------------------------------------
 # The optimiser against a dense reference built from the reference factors.
-
-
-def problem(n_interior, n_boundary, hidden=5, dtype=torch.float64, seed=0):
-    torch.manual_seed(seed)
-    model = BackpropMLP([2, hidden, 1], "tanh", dtype=dtype)
-    g = torch.Generator().manual_seed(seed + 1)
-    x_in = torch.rand(n_interior, 2, generator=g, dtype=dtype)
-    x_bd = torch.rand(n_boundary, 2, generator=g, dtype=dtype)  # on the edges of [0, 1]²
-    x_bd[torch.arange(n_boundary), torch.randint(2, (n_boundary,), generator=g)] = torch.randint(
-        2, (n_boundary,), generator=g
-    ).to(dtype)
-    return model, x_in, x_bd
-
-
-def closure_of(model, x_in, x_bd, weights=(1.0, 1.0)):
-    return lambda: [
-        residual_jacobian(model, x_in, interior, weight=weights[0]),
-        residual_jacobian(model, x_bd, boundary, order=0, weight=weights[1]),
-    ]
-
-
-def flat(model):
-    return torch.cat([p.detach().double().flatten() for p in model.parameters()])
 
 
 def dense_system(model, x_in, x_bd, weights=(1.0, 1.0)):
