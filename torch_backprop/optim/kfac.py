@@ -285,12 +285,8 @@ class KFAC(torch.optim.Optimizer):
 
 
 def _term_loss(term: ResidualTape) -> float:
-    """½ mean_n w_n r_n² in float64."""
-    r = term.residual.double()
-    if r.numel() == 0:
-        return 0.0
-    weight = term.weight.double() if isinstance(term.weight, Tensor) else term.weight
-    return float(0.5 * (weight * r.square()).mean())
+    """½ mean_n w_n r_n² in float64 (the tape's own loss, of its residuals in float64)."""
+    return float(term.loss(term.residual.double()))
 
 
 def _finite(pair: Sequence[Tensor]) -> bool:
